@@ -4,3 +4,13 @@ Public names are re-exported here; everything else is private to its module.
 """
 
 __version__ = "0.1.0"
+
+from ogpsa_jax.basis import capability_basis, reference_gradients  # noqa: E402, F401
+from ogpsa_jax.transform import (  # noqa: E402, F401
+    OGPSAState,
+    get_basis,
+    ogpsa,
+    ogpsa_adamw,
+    project,
+    set_basis,
+)

@@ -1,0 +1,396 @@
+"""The OGPSA optax transform: project gradients off a per-tensor capability subspace.
+
+Per parameter tensor (leaf) the state holds k directions ``u_1..u_k`` of the leaf's shape,
+orthonormal per leaf (zero directions allowed; they project nothing). The update removes the
+gradient's component in their span::
+
+    g <- g - strength * sum_i <g, u_i> u_i
+
+with inner products in float32 and the result cast back to the gradient's dtype. To first order
+the step then leaves the capability (reference) loss unchanged.
+
+The basis is stored as a tuple of k parameter-shaped trees, so every basis leaf inherits its
+parameter's sharding; leaves excluded by ``mask`` hold :class:`optax.MaskedNode` (no memory, and
+orbax never sees a zero-size array).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+logger = logging.getLogger(__name__)
+
+Basis = tuple[optax.Params, ...]
+_F32 = jnp.float32
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _check_strength(strength: Any) -> None:
+    """Eagerly rejects a Python/NumPy strength outside [0, 1] (traced values pass)."""
+    if isinstance(strength, jax.core.Tracer):
+        return
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        return
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1], got {strength!r}")
+
+
+def _keep_sharding(new: jax.Array, old: jax.Array) -> jax.Array:
+    """Gives ``new`` the sharding of ``old`` where that sharding is known."""
+    if isinstance(old, jax.core.Tracer):
+        # Inside a trace: only an Explicit-mode sharding is part of the type.
+        old_sharding = jax.typeof(old).sharding
+        mesh = getattr(old_sharding, "mesh", None)
+        if mesh is not None and not mesh.empty and mesh.are_all_axes_explicit:
+            if jax.typeof(new).sharding.spec != old_sharding.spec:
+                new = jax.sharding.reshard(new, old_sharding.spec)
+        return new
+    if isinstance(new, jax.core.Tracer):
+        return new
+    sharding = getattr(old, "sharding", None)
+    if sharding is None or getattr(new, "sharding", None) == sharding:
+        return new
+    return jax.device_put(new, sharding)
+
+
+class OGPSAState(NamedTuple):
+    """State of :func:`ogpsa`: the capability basis.
+
+    Attributes:
+      basis: tuple of k parameter-shaped trees; in tree i, each leaf is the i-th direction of
+        that parameter (same shape, dtype ``basis_dtype``), orthonormal per leaf or zero.
+        Masked-out leaves are ``optax.MaskedNode()``.
+    """
+
+    basis: Basis
+
+    # Protocol read by `set_basis`: any NamedTuple state with this flag and a `with_basis`
+    # method carries an OGPSA basis.
+    _carries_ogpsa_basis = True
+
+    def with_basis(self, basis: Sequence[optax.Params]) -> OGPSAState:
+        """Returns this state with a new basis (validated, padded, cast, same shardings).
+
+        Args:
+          basis: a tuple or list of at most k trees, each matching the parameter tree (full
+            trees are fine for a masked transform: masked leaves are dropped). Fewer than k
+            trees are padded with zero directions.
+
+        Returns:
+          A state of identical structure, shapes, dtypes and shardings.
+
+        Example:
+          >>> state = state.with_basis((u1_tree, u2_tree))  # doctest: +SKIP
+        """
+        return OGPSAState(basis=_replace_basis(self.basis, basis))
+
+
+def _replace_basis(old: Basis, basis: Sequence[optax.Params]) -> Basis:
+    """Validates ``basis`` against the stored ``old`` basis and returns it in the old layout."""
+    k = len(old)
+    if not isinstance(basis, (tuple, list)):
+        raise ValueError(
+            f"basis must be a tuple or list of parameter-shaped trees, got {type(basis).__name__}"
+        )
+    if len(basis) > k:
+        raise ValueError(f"basis has {len(basis)} directions, more than k={k}")
+    ref_def = jax.tree.structure(old[0], is_leaf=_is_masked)
+    new_trees = []
+    for i, tree in enumerate(basis):
+        tree_def = jax.tree.structure(tree, is_leaf=_is_masked)
+        if tree_def != ref_def:
+            raise ValueError(
+                f"basis tree {i} does not match the parameter structure: got {tree_def}, "
+                f"expected {ref_def}"
+            )
+
+        def one(o, n, i=i):
+            if _is_masked(o):
+                return o
+            if _is_masked(n):
+                raise ValueError(f"basis tree {i} masks a leaf that this transform projects")
+            if jnp.shape(n) != o.shape:
+                raise ValueError(
+                    f"basis tree {i} has a leaf of shape {jnp.shape(n)}, expected {o.shape}"
+                )
+            return _keep_sharding(jnp.asarray(n, dtype=o.dtype), o)
+
+        new_trees.append(jax.tree.map(one, old[i], tree, is_leaf=_is_masked))
+    for i in range(len(basis), k):
+        new_trees.append(
+            jax.tree.map(
+                lambda o: o if _is_masked(o) else jnp.zeros_like(o), old[i], is_leaf=_is_masked
+            )
+        )
+    return tuple(new_trees)
+
+
+def _project_leaf(
+    g: jax.Array, us: Sequence[jax.Array], strength: Any, conflict_only: bool
+) -> jax.Array:
+    """Projects one leaf: all k coefficients in float32, then one fused subtract."""
+    if not us:
+        return g
+    g_f32 = g.astype(_F32)
+    coeffs_K = [jnp.sum(u.astype(_F32) * g_f32) for u in us]
+    if isinstance(conflict_only, bool):
+        if conflict_only:
+            coeffs_K = [jnp.minimum(c, 0.0) for c in coeffs_K]
+    else:  # an injected (array) flag
+        coeffs_K = [jnp.where(conflict_only, jnp.minimum(c, 0.0), c) for c in coeffs_K]
+    removed = sum(c * u.astype(_F32) for c, u in zip(coeffs_K, us, strict=True))
+    return (g_f32 - jnp.asarray(strength, _F32) * removed).astype(g.dtype)
+
+
+def project(
+    grads: optax.Updates,
+    basis: Sequence[optax.Params],
+    *,
+    strength: float | jax.Array = 1.0,
+    conflict_only: bool = False,
+) -> optax.Updates:
+    """Removes from each gradient leaf its component along that leaf's basis directions.
+
+    Args:
+      grads: gradient tree.
+      basis: tuple of k trees with the structure of ``grads`` (leaf i of tree j is direction j
+        of parameter i, orthonormal per leaf or zero). ``optax.MaskedNode`` leaves mean "do not
+        project this leaf".
+      strength: fraction of the component to remove, in [0, 1].
+      conflict_only: remove direction u_i only where ``<g, u_i> < 0`` (the reference code's
+        "threshold" mode: only steps that would raise the capability loss are corrected).
+
+    Returns:
+      The projected gradient tree, each leaf in its input dtype.
+
+    Example:
+      >>> g = {"w": jnp.array([1.0, 1.0])}
+      >>> u = ({"w": jnp.array([1.0, 0.0])},)
+      >>> project(g, u)["w"]
+      Array([0., 1.], dtype=float32)
+    """
+    _check_strength(strength)
+    if not isinstance(basis, (tuple, list)):
+        raise ValueError(
+            f"basis must be a tuple or list of parameter-shaped trees, got {type(basis).__name__}"
+        )
+    g_leaves, g_def = jax.tree.flatten(grads, is_leaf=_is_masked)
+    basis_leaves = []
+    for i, tree in enumerate(basis):
+        leaves, tree_def = jax.tree.flatten(tree, is_leaf=_is_masked)
+        if tree_def != g_def:
+            raise ValueError(
+                f"basis tree {i} does not match the gradient structure: got {tree_def}, "
+                f"expected {g_def}"
+            )
+        for leaf, g in zip(leaves, g_leaves, strict=True):
+            if not _is_masked(leaf) and not _is_masked(g) and jnp.shape(leaf) != jnp.shape(g):
+                raise ValueError(
+                    f"basis tree {i} has a leaf of shape {jnp.shape(leaf)} for a gradient of "
+                    f"shape {jnp.shape(g)}"
+                )
+        basis_leaves.append(leaves)
+    out = []
+    for j, g in enumerate(g_leaves):
+        us = [leaves[j] for leaves in basis_leaves]
+        if _is_masked(g) or any(_is_masked(u) for u in us):
+            out.append(g)
+        else:
+            out.append(_project_leaf(g, us, strength, conflict_only))
+    return jax.tree.unflatten(g_def, out)
+
+
+def _resolve_mask(mask: Any, params: optax.Params) -> Any:
+    return mask(params) if callable(mask) else mask
+
+
+def ogpsa(
+    k: int,
+    *,
+    strength: float | jax.Array = 1.0,
+    conflict_only: bool = False,
+    mask: Any = None,
+    basis_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    """Orthogonal gradient projection onto the complement of a per-tensor capability subspace.
+
+    Args:
+      k: number of basis directions per parameter tensor (static), >= 1.
+      strength: fraction of the component removed, in [0, 1] (1 = the paper's full removal).
+        May be injected with ``optax.inject_hyperparams(ogpsa, static_args=("k",))``.
+      conflict_only: remove a direction only where ``<g, u_i> < 0`` ("threshold" mode).
+      mask: pytree of bools with the parameters' structure, or a callable on the params
+        returning one; ``False`` leaves pass through unchanged and carry no basis memory.
+      basis_dtype: dtype in which the basis is stored (float32 by default).
+
+    Returns:
+      A ``GradientTransformationExtraArgs``. Its state is an :class:`OGPSAState` whose basis
+      starts as all-zero directions (identity). ``update(updates, state, params=None, *,
+      basis=None)``: a ``basis`` (tuple of <= k trees) replaces the stored basis before use.
+
+    Example:
+      >>> tx = ogpsa(2)
+      >>> state = tx.init(params)  # doctest: +SKIP
+      >>> g, state = tx.update(grads, state, basis=(u1, u2))  # doctest: +SKIP
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(
+            f"k must be a Python integer >= 1, got {k!r} (under optax.inject_hyperparams pass "
+            "static_args=('k', 'basis_dtype'))"
+        )
+    _check_strength(strength)
+    if isinstance(basis_dtype, jax.Array):
+        raise ValueError(
+            "basis_dtype must be a dtype, got an array (under optax.inject_hyperparams pass "
+            "static_args=('k', 'basis_dtype'))"
+        )
+    basis_dtype = jnp.dtype(basis_dtype)
+
+    def init_fn(params: optax.Params) -> OGPSAState:
+        if mask is not None:
+            mask_tree = _resolve_mask(mask, params)
+            params = jax.tree.map(
+                lambda m, p: p if m else optax.MaskedNode(),
+                mask_tree,
+                params,
+                is_leaf=_is_masked,
+            )
+        zeros = lambda p: p if _is_masked(p) else jnp.zeros_like(p, dtype=basis_dtype)
+        return OGPSAState(
+            basis=tuple(jax.tree.map(zeros, params, is_leaf=_is_masked) for _ in range(k))
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: OGPSAState,
+        params: optax.Params | None = None,
+        *,
+        basis: Sequence[optax.Params] | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, OGPSAState]:
+        del params, extra_args
+        if basis is not None:
+            state = state.with_basis(basis)
+        return project(updates, state.basis, strength=strength, conflict_only=conflict_only), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def set_basis(opt_state: Any, basis: Sequence[optax.Params]) -> Any:
+    """Replaces the basis in every OGPSA-carrying state nested inside ``opt_state``.
+
+    Works on any optax state (``chain`` tuples, ``inject_hyperparams``, ``masked``, nested) and
+    under ``jax.jit``: every NamedTuple whose class sets ``_carries_ogpsa_basis = True`` gets
+    ``.with_basis(basis)``. Structure, dtypes and shardings are unchanged.
+
+    Args:
+      opt_state: the optimiser state.
+      basis: tuple of <= k parameter-shaped trees (full trees; masked leaves are dropped).
+
+    Returns:
+      The optimiser state with the new basis.
+
+    Example:
+      >>> opt_state = set_basis(opt_state, capability_basis(ref_grads))  # doctest: +SKIP
+    """
+    found = []
+
+    def replace(node: Any) -> Any:
+        if getattr(type(node), "_carries_ogpsa_basis", False):
+            found.append(True)
+            return node.with_basis(basis)
+        return node
+
+    new_state = jax.tree.map(replace, opt_state, is_leaf=_carries_basis)
+    if not found:
+        raise ValueError("opt_state contains no OGPSA state (nothing carries a basis)")
+    return new_state
+
+
+def _carries_basis(node: Any) -> bool:
+    return getattr(type(node), "_carries_ogpsa_basis", False) is True
+
+
+def get_basis(opt_state: Any) -> Basis:
+    """Returns the basis of the first OGPSA-carrying state found in ``opt_state``.
+
+    Args:
+      opt_state: any optax state containing an OGPSA state.
+
+    Returns:
+      Its ``basis`` field (tuple of k trees; masked leaves are ``optax.MaskedNode``).
+
+    Example:
+      >>> u1 = get_basis(opt_state)[0]  # doctest: +SKIP
+    """
+    carriers = [n for n in jax.tree.leaves(opt_state, is_leaf=_carries_basis) if _carries_basis(n)]
+    if not carriers:
+        raise ValueError("opt_state contains no OGPSA state (nothing carries a basis)")
+    return carriers[0].basis
+
+
+def ogpsa_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    k: int,
+    *,
+    max_grad_norm: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    strength: float | jax.Array = 1.0,
+    conflict_only: bool = False,
+    mask: Any = None,
+    basis_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with OGPSA projection first, as in the paper: project -> clip -> AdamW.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      k: basis directions per tensor.
+      max_grad_norm: global-norm clipping after the projection; ``None`` for no clipping.
+      b1: Adam first-moment decay.
+      b2: Adam second-moment decay.
+      eps: Adam epsilon.
+      weight_decay: decoupled weight decay.
+      strength: see :func:`ogpsa`.
+      conflict_only: see :func:`ogpsa`.
+      mask: see :func:`ogpsa` (masks the projection only; all leaves are optimised).
+      basis_dtype: see :func:`ogpsa`.
+
+    Returns:
+      ``optax.chain(ogpsa(...), [clip_by_global_norm], adamw(...))``; ``update`` forwards
+      ``basis=`` to the projection.
+
+    Example:
+      >>> tx = ogpsa_adamw(optax.cosine_decay_schedule(1e-6, 100), k=2)
+      >>> updates, state = tx.update(grads, state, params, basis=basis)  # doctest: +SKIP
+    """
+    parts: list[optax.GradientTransformation] = [
+        ogpsa(k, strength=strength, conflict_only=conflict_only, mask=mask, basis_dtype=basis_dtype)
+    ]
+    if max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+__all__: list[str] = [
+    "OGPSAState",
+    "ogpsa",
+    "ogpsa_adamw",
+    "project",
+    "set_basis",
+    "get_basis",
+]
