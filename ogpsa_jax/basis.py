@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ogpsa_jax.transform import _zeros_like
+
 logger = logging.getLogger(__name__)
 
 _F32 = jnp.float32
@@ -155,7 +157,7 @@ def capability_basis(
             us = _gram_schmidt_leaf(gs, k, eps)
         else:
             us = _svd_leaf(gs, k, energy)
-        us += [jnp.zeros_like(gs[0], dtype=_F32)] * (k - len(us))
+        us += [_zeros_like(gs[0], _F32)] * (k - len(us))
         per_leaf.append(us)
     return tuple(jax.tree.unflatten(tree_def, [us[i] for us in per_leaf]) for i in range(k))
 

@@ -46,6 +46,24 @@ def _check_strength(strength: Any) -> None:
         raise ValueError(f"strength must lie in [0, 1], got {strength!r}")
 
 
+def _zeros_like(x: jax.Array, dtype: Any = None) -> jax.Array:
+    """Zeros shaped and sharded like ``x``, also inside a trace on an Auto (GSPMD) mesh.
+
+    ``jnp.zeros_like`` of a tracer is a constant with no sharding of its own there, so jit would
+    replicate it; a select that depends on ``x`` lets sharding propagation give it x's sharding
+    (and stays zero even where x is NaN).
+    """
+    dtype = x.dtype if dtype is None else dtype
+    if isinstance(x, jax.core.Tracer):
+        return jnp.where(x == x, 0, 0).astype(dtype)
+    return jnp.zeros_like(x, dtype=dtype)
+
+
+def _is_placeholder(params: Any) -> bool:
+    """True for the leafless stand-in ``optax.tree_map_params`` passes to ``init``."""
+    return type(params).__name__ == "_ParamsPlaceholder"
+
+
 def _keep_sharding(new: jax.Array, old: jax.Array) -> jax.Array:
     """Gives ``new`` the sharding of ``old`` where that sharding is known."""
     if isinstance(old, jax.core.Tracer):
@@ -130,7 +148,7 @@ def _replace_basis(old: Basis, basis: Sequence[optax.Params]) -> Basis:
     for i in range(len(basis), k):
         new_trees.append(
             jax.tree.map(
-                lambda o: o if _is_masked(o) else jnp.zeros_like(o), old[i], is_leaf=_is_masked
+                lambda o: o if _is_masked(o) else _zeros_like(o), old[i], is_leaf=_is_masked
             )
         )
     return tuple(new_trees)
@@ -258,7 +276,7 @@ def ogpsa(
     basis_dtype = jnp.dtype(basis_dtype)
 
     def init_fn(params: optax.Params) -> OGPSAState:
-        if mask is not None:
+        if mask is not None and not _is_placeholder(params):
             mask_tree = _resolve_mask(mask, params)
             params = jax.tree.map(
                 lambda m, p: p if m else optax.MaskedNode(),
@@ -266,7 +284,7 @@ def ogpsa(
                 params,
                 is_leaf=_is_masked,
             )
-        zeros = lambda p: p if _is_masked(p) else jnp.zeros_like(p, dtype=basis_dtype)
+        zeros = lambda p: p if _is_masked(p) else _zeros_like(p, basis_dtype)
         return OGPSAState(
             basis=tuple(jax.tree.map(zeros, params, is_leaf=_is_masked) for _ in range(k))
         )
