@@ -14,3 +14,12 @@ from ogpsa_jax.transform import (  # noqa: E402, F401
     project,
     set_basis,
 )
+from ogpsa_jax.data import (  # noqa: E402, F401
+    Batches,
+    PreferencePair,
+    SFTExample,
+    assets_path,
+    load_preferences,
+    load_sft,
+    render_chat,
+)
