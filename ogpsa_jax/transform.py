@@ -22,12 +22,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 logger = logging.getLogger(__name__)
 
 Basis = tuple[optax.Params, ...]
 _F32 = jnp.float32
+# Default basis dtype as a dtype *instance*: `jnp.float32` is callable, and
+# optax.inject_hyperparams would mistake a callable default for a schedule.
+_F32_DTYPE = np.dtype(np.float32)
 
 
 def _is_masked(x: Any) -> bool:
@@ -239,7 +243,7 @@ def ogpsa(
     strength: float | jax.Array = 1.0,
     conflict_only: bool = False,
     mask: Any = None,
-    basis_dtype: Any = jnp.float32,
+    basis_dtype: Any = _F32_DTYPE,
 ) -> optax.GradientTransformationExtraArgs:
     """Orthogonal gradient projection onto the complement of a per-tensor capability subspace.
 
@@ -251,6 +255,10 @@ def ogpsa(
       mask: pytree of bools with the parameters' structure, or a callable on the params
         returning one; ``False`` leaves pass through unchanged and carry no basis memory.
       basis_dtype: dtype in which the basis is stored (float32 by default).
+
+    Under ``optax.inject_hyperparams`` pass ``static_args=("k",)`` (plus ``"basis_dtype"`` and
+    ``"mask"`` when you give a dtype class or a callable: it would treat those as schedules);
+    ``strength`` can then be changed in ``state.hyperparams``.
 
     Returns:
       A ``GradientTransformationExtraArgs``. Its state is an :class:`OGPSAState` whose basis
@@ -370,7 +378,7 @@ def ogpsa_adamw(
     strength: float | jax.Array = 1.0,
     conflict_only: bool = False,
     mask: Any = None,
-    basis_dtype: Any = jnp.float32,
+    basis_dtype: Any = _F32_DTYPE,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW with OGPSA projection first, as in the paper: project -> clip -> AdamW.
 
