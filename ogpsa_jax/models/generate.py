@@ -1,0 +1,191 @@
+"""Batched generation with a KV cache, and sequence log-probabilities."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ogpsa_jax.models.config import DecoderConfig
+from ogpsa_jax.models.decoder import Decoder, forward_with_cache
+
+
+def _sample(logits_BxV: jax.Array, greedy: bool, temperature, top_p, key) -> jax.Array:
+    if greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep = before < top_p  # the top token is always kept
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "dtype", "max_new_tokens", "greedy", "eos_ids", "pad_id")
+)
+def _generate(
+    params: dict[str, Any],
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    rng: jax.Array,
+    *,
+    config: DecoderConfig,
+    dtype: Any,
+    max_new_tokens: int,
+    greedy: bool,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+) -> jax.Array:
+    b, p = input_ids.shape
+    t = p + max_new_tokens
+    shape = (config.num_layers, b, config.num_kv_heads, t, config.head_dim)
+    caches = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    valid_BxP = attention_mask.astype(bool)
+    kv_valid_BxT = jnp.concatenate([valid_BxP, jnp.zeros((b, max_new_tokens), bool)], axis=1)
+    n_real_B = jnp.sum(valid_BxP, axis=1, dtype=jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(valid_BxP, axis=1, dtype=jnp.int32) - 1, 0)
+    logits, caches = forward_with_cache(
+        params, config, dtype, input_ids, positions, kv_valid_BxT, caches, 0
+    )
+    rng, key = jax.random.split(rng)
+    token_B = _sample(logits[:, -1], greedy, temperature, top_p, key)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+
+    def cond(state):
+        i, _, done, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, out, done, token_B, caches, kv_valid_BxT, rng = state
+        out = out.at[:, i].set(jnp.where(done, pad_id, token_B))
+        done = done | jnp.any(token_B[:, None] == eos[None], axis=1)
+        slot = p + i
+        kv_valid_BxT = kv_valid_BxT.at[:, slot].set(True)
+        logits, caches = forward_with_cache(
+            params,
+            config,
+            dtype,
+            token_B[:, None],
+            (n_real_B + i)[:, None],
+            kv_valid_BxT,
+            caches,
+            slot,
+        )
+        rng, key = jax.random.split(rng)
+        token_B = _sample(logits[:, -1], greedy, temperature, top_p, key)
+        return i + 1, out, done, token_B, caches, kv_valid_BxT, rng
+
+    state = (jnp.int32(0), out, done, token_B, caches, kv_valid_BxT, rng)
+    return jax.lax.while_loop(cond, body, state)[1]
+
+
+def generate(
+    model: Decoder,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    pad_token_id: int | None = None,
+) -> jax.Array:
+    """Generates continuations of left-padded prompts with a KV cache.
+
+    Args:
+        model: the decoder.
+        input_ids: [B, P] int prompt ids, left-padded.
+        attention_mask: [B, P], 1 for prompt tokens, 0 for (left) padding.
+        max_new_tokens: number of tokens to generate per row (static: one compile per value).
+        eos_token_id: id or ids that end a row; the EOS itself is emitted.
+        temperature: 0 for greedy decoding, else the softmax temperature.
+        top_p: nucleus sampling mass (1.0 = plain sampling).
+        rng: PRNG key for sampling (required when temperature > 0).
+        pad_token_id: filler after a row's EOS (default: the first EOS id).
+
+    Returns:
+        int32 [B, max_new_tokens] new tokens.
+
+    Example:
+        >>> out = generate(model, ids, mask, max_new_tokens=16, eos_token_id=2)  # doctest: +SKIP
+    """
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be "
+            "equal [batch, length] shapes"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    greedy = temperature == 0.0
+    if not greedy and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
+    eos_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    if not eos_ids:
+        raise ValueError("eos_token_id must name at least one id")
+    pad_id = eos_ids[0] if pad_token_id is None else int(pad_token_id)
+    return _generate(
+        model.params(),
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(attention_mask, jnp.int32),
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(top_p),
+        jax.random.key(0) if rng is None else rng,
+        config=model.config,
+        dtype=model.dtype,
+        max_new_tokens=int(max_new_tokens),
+        greedy=greedy,
+        eos_ids=tuple(int(e) for e in eos_ids),
+        pad_id=pad_id,
+    )
+
+
+def sequence_logprobs(
+    model: Decoder,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of log p(token_t | tokens_<t) over target positions, and their count.
+
+    Args:
+        model: the decoder.
+        input_ids: [B, L] token ids.
+        attention_mask: [B, L], 1 for real tokens.
+        loss_mask: [B, L], 1 where input_ids[b, t] is a target token (position 0 is never one).
+
+    Returns:
+        (sum_logp [B] float32, count [B] float32).
+
+    Example:
+        >>> logp, n = sequence_logprobs(model, ids, mask, loss_mask)  # doctest: +SKIP
+    """
+    if not input_ids.shape == attention_mask.shape == loss_mask.shape:
+        raise ValueError(
+            f"shapes differ: input_ids {input_ids.shape}, attention_mask {attention_mask.shape}, "
+            f"loss_mask {loss_mask.shape}"
+        )
+    logits_BxLxV = model(input_ids, attention_mask)
+    return token_logprob_sums(logits_BxLxV, input_ids, loss_mask)
+
+
+def token_logprob_sums(
+    logits_BxLxV: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of target log-probs [B], count [B]) from logits; targets are input_ids[:, 1:]."""
+    logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+    target_logp = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    m = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(target_logp * m, axis=1), jnp.sum(m, axis=1)
