@@ -23,3 +23,9 @@ from ogpsa_jax.data import (  # noqa: E402, F401
     load_sft,
     render_chat,
 )
+from ogpsa_jax.matrix import MatrixOGPSAState, basis_nbytes, ogpsa_matrix  # noqa: E402, F401
+from ogpsa_jax.matrix_basis import (  # noqa: E402, F401
+    collect_inputs,
+    matrix_basis_from_activations,
+    matrix_basis_from_gradients,
+)
