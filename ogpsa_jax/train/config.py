@@ -1,0 +1,604 @@
+"""Training configuration: frozen kw-only dataclasses, presets, `--set` overrides, validation.
+
+A preset is a function returning a `TrainConfig`; `dataclasses.replace` (or `apply_overrides`
+with dotted ``field=value`` strings) derives variants. `validate` checks types and ranges before
+any compute, so a bad value never touches the output folder.
+
+Example:
+    >>> cfg = apply_overrides(preset("tiny"), ["sft.learning_rate=3e-3", "checkpoint_every=5"])
+    >>> cfg.sft.learning_rate
+    0.003
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("gram_schmidt", "svd", "gradient", "activation")
+FLAT_METHODS = ("gram_schmidt", "svd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which model to train and how it computes."""
+
+    # "random": fresh weights of `arch`; "hf": load_hf(path) (a local Hugging Face folder).
+    init: str = "random"
+    # Architecture for init="random": tiny | smollm2_135m | qwen2_5_7b | llama3_1_8b.
+    arch: str = "tiny"
+    # HF folder for init="hf"; the special value "smollm2" is the offline SmolLM2-135M-Instruct.
+    path: str = ""
+    # Tokenizer folder; "" = the model path; "tiny" = the shipped tiny ChatML tokenizer.
+    tokenizer: str = "tiny"
+    # Activation / matmul dtype (float32 | bfloat16).
+    dtype: str = "float32"
+    # Parameter (master weight) dtype (float32 | bfloat16).
+    param_dtype: str = "float32"
+    # Freeze the bottom n layers (only the top layers get gradients).
+    frozen_layers: int = 0
+    # Optional system prompt put in every rendered conversation ("" = the template's default).
+    system_prompt: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OGPSAConfig:
+    """The capability subspace and how it is used."""
+
+    # False = plain optimiser (same step, no projection): the naive baseline.
+    enabled: bool = True
+    # Basis estimator: gram_schmidt | svd (flat, per tensor) | gradient | activation (matrix).
+    method: str = "gram_schmidt"
+    # Directions per tensor (flat) or rank per matrix (matrix methods).
+    k: int = 2
+    # svd only: smallest rank capturing this energy fraction (0 = always k).
+    energy: float = 0.0
+    # Fraction of the subspace component removed, in [0, 1].
+    strength: float = 1.0
+    # Remove a direction only when the step would raise the reference loss ("threshold" mode).
+    conflict_only: bool = False
+    # Projected tensors: "all", "no_embed", or a regex matched against the "/"-joined path.
+    mask: str = "all"
+    # Recompute the basis at the current weights every this many steps (reference: 30 / 5).
+    refresh_every: int = 30
+    # Reference sources (HF ids, local files, or "assets:NAME"); each is its own set.
+    reference: tuple[str, ...] = ("assets:general.jsonl",)
+    # First rows taken from each reference source (reference code: 200).
+    reference_rows: int = 200
+    # Rows per reference micro-batch.
+    reference_batch_size: int = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One training stage (SFT or DPO): data, optimiser and OGPSA settings."""
+
+    # Training data: HF id, local .json/.jsonl/.parquet file, or "assets:NAME".
+    data: str = "assets:safety_sft.jsonl"
+    # Split for HF ids.
+    split: str = "train"
+    # Use at most this many rows (0 = all).
+    limit: int = 0
+    # PKU-SafeRLHF preferences: keep only pairs with exactly one safe response.
+    safe_pairs_only: bool = False
+    # Passes over the data.
+    epochs: int = 1
+    # Stop after this many optimiser steps (0 = the epochs decide).
+    max_steps: int = 0
+    # Global rows (pairs for DPO) per micro-batch; divisible by mesh data*fsdp.
+    batch_size: int = 8
+    # Micro-batches accumulated per optimiser step.
+    accum_steps: int = 1
+    # Token cutoff per example.
+    max_length: int = 256
+    # Over-long rows: "left" drops prompt start, "right" drops response end, "error" raises.
+    truncation: str = "left"
+    # Peak learning rate.
+    learning_rate: float = 1e-6
+    # "cosine" (to 0 at the last step) or "constant".
+    schedule: str = "cosine"
+    # Linear warm-up steps before the schedule (paper: 0).
+    warmup_steps: int = 0
+    # "adamw" (paper) or "sgd" (used by tests: the applied update is then exactly -lr * P g).
+    optimizer: str = "adamw"
+    # AdamW first-moment decay.
+    b1: float = 0.9
+    # AdamW second-moment decay.
+    b2: float = 0.999
+    # AdamW epsilon.
+    eps: float = 1e-8
+    # AdamW decoupled weight decay.
+    weight_decay: float = 0.0
+    # Global-norm clip after projection (0 = no clipping).
+    max_grad_norm: float = 1.0
+    # DPO: inverse temperature.
+    beta: float = 0.2
+    # DPO: label smoothing (sigmoid loss only).
+    label_smoothing: float = 0.0
+    # DPO: "sigmoid" or "ipo".
+    loss_type: str = "sigmoid"
+    # DPO reference log-probs: "precompute" (one pass before training) or "model" (kept frozen).
+    dpo_reference: str = "precompute"
+    # The capability subspace.
+    ogpsa: OGPSAConfig = field(default_factory=OGPSAConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A full training run (one or two stages)."""
+
+    # Seed for initialisation, shuffling and everything random.
+    seed: int = 0
+    # Devices used (0 = all visible); the mesh product must equal it.
+    num_devices: int = 0
+    # Mesh shape (data, fsdp, tensor); one entry may be -1 (= the rest of the devices).
+    mesh: tuple[int, int, int] = (1, -1, 1)
+    # Mesh axis type: "auto" (GSPMD) or "explicit".
+    mesh_axis_type: str = "auto"
+    # The model.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # SFT stage settings (stages "sft" and "sft-dpo").
+    sft: StageConfig = field(default_factory=StageConfig)
+    # DPO stage settings (stages "dpo" and "sft-dpo").
+    dpo: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            data="assets:safety_prefs.jsonl",
+            batch_size=2,
+            accum_steps=16,
+            ogpsa=OGPSAConfig(k=1, refresh_every=5),
+        )
+    )
+    # Save a checkpoint every this many steps (and always at the end).
+    checkpoint_every: int = 100
+    # Checkpoints kept on disk.
+    max_to_keep: int = 2
+    # "skip": a non-finite step changes nothing and is counted; "stop": raise at once.
+    on_nonfinite: str = "skip"
+    # Stop after this many consecutive skipped steps.
+    max_consecutive_skips: int = 5
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def tiny() -> TrainConfig:
+    """Tiny random decoder, tiny tokenizer, shipped data: seconds on CPU."""
+    og_sft = OGPSAConfig(k=2, method="svd", refresh_every=4, reference_rows=32)
+    og_dpo = OGPSAConfig(k=2, method="svd", refresh_every=2, reference_rows=32)
+    common = dict(max_length=96, epochs=3, schedule="cosine")
+    return TrainConfig(
+        seed=0,
+        mesh=(1, -1, 1),
+        model=ModelConfig(init="random", arch="tiny", tokenizer="tiny"),
+        sft=StageConfig(
+            data="assets:safety_sft.jsonl",
+            batch_size=8,
+            accum_steps=2,
+            learning_rate=3e-3,
+            ogpsa=og_sft,
+            **common,
+        ),
+        dpo=StageConfig(
+            data="assets:safety_prefs.jsonl",
+            batch_size=8,
+            accum_steps=2,
+            learning_rate=1e-3,
+            beta=0.2,
+            ogpsa=og_dpo,
+            **common,
+        ),
+        checkpoint_every=4,
+    )
+
+
+def smollm2() -> TrainConfig:
+    """The real SmolLM2-135M-Instruct (offline), short sequences, top 10 of 30 layers trained."""
+    og = OGPSAConfig(k=2, method="gram_schmidt", reference_rows=32, reference_batch_size=4)
+    common = dict(max_length=128, batch_size=4, accum_steps=1, max_steps=20)
+    return TrainConfig(
+        mesh=(1, -1, 1),
+        model=ModelConfig(
+            init="hf", path="smollm2", tokenizer="", dtype="bfloat16", frozen_layers=20
+        ),
+        sft=StageConfig(
+            data="assets:safety_sft.jsonl",
+            learning_rate=1e-5,
+            ogpsa=dataclasses.replace(og, refresh_every=10),
+            **common,
+        ),
+        dpo=StageConfig(
+            data="assets:safety_prefs.jsonl",
+            learning_rate=5e-6,
+            ogpsa=dataclasses.replace(og, k=1, refresh_every=5),
+            **common,
+        ),
+        checkpoint_every=10,
+    )
+
+
+def _paper(path: str) -> TrainConfig:
+    # Reference code: 8 GPUs (ZeRO-2); 4 rows/device x accumulation 4 (SFT), 2 pairs/device x
+    # accumulation 16 (DPO); lr 1e-6 cosine to 0, no warm-up; bf16; cutoff 2048. Here: FSDP over
+    # 8 devices with the same global batch; scale mesh and batch_size together on a larger pod
+    # (e.g. --set mesh=2,16,1 --set sft.batch_size=128).
+    sft_ref = ("HuggingFaceH4/ultrafeedback_binarized", "pminervini/HaluEval")
+    return TrainConfig(
+        num_devices=8,
+        mesh=(1, 8, 1),
+        model=ModelConfig(
+            init="hf", path=path, tokenizer="", dtype="bfloat16", param_dtype="float32"
+        ),
+        sft=StageConfig(
+            data="PKU-Alignment/PKU-SafeRLHF",
+            limit=10_000,
+            epochs=3,
+            batch_size=32,
+            accum_steps=4,
+            max_length=2048,
+            learning_rate=1e-6,
+            ogpsa=OGPSAConfig(k=2, reference=sft_ref, refresh_every=30, reference_batch_size=8),
+        ),
+        dpo=StageConfig(
+            data="PKU-Alignment/PKU-SafeRLHF",
+            limit=10_000,
+            epochs=1,
+            batch_size=16,
+            accum_steps=16,
+            max_length=2048,
+            learning_rate=1e-6,
+            beta=0.2,
+            label_smoothing=0.0,
+            loss_type="sigmoid",
+            ogpsa=OGPSAConfig(k=1, reference=sft_ref[:1], refresh_every=5, reference_batch_size=8),
+        ),
+        checkpoint_every=100,
+    )
+
+
+def qwen2_5_7b_paper() -> TrainConfig:
+    """Qwen2.5-7B-Instruct with the paper's settings (HF folder at ./Qwen2.5-7B-Instruct)."""
+    cfg = _paper("Qwen2.5-7B-Instruct")
+    system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, system_prompt=system))
+
+
+def llama3_1_8b_paper() -> TrainConfig:
+    """Llama-3.1-8B-Instruct with the paper's settings (HF folder at ./Llama-3.1-8B-Instruct)."""
+    return _paper("Llama-3.1-8B-Instruct")
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "tiny": tiny,
+    "smollm2": smollm2,
+    "qwen2_5_7b_paper": qwen2_5_7b_paper,
+    "llama3_1_8b_paper": llama3_1_8b_paper,
+}
+
+
+def preset(name: str) -> TrainConfig:
+    """Returns the named preset config.
+
+    Args:
+        name: one of `PRESETS`.
+
+    Returns:
+        The preset's `TrainConfig`.
+
+    Example:
+        >>> preset("tiny").model.arch
+        'tiny'
+    """
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_names(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """All dotted field names of a config dataclass (leaves and sub-configs)."""
+    names = []
+    for name, tp in _field_types(cls).items():
+        names.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            names += field_names(tp, prefix + name + ".")
+    return names
+
+
+def _parse_scalar(text: str, tp: Any, name: str) -> Any:
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected a bool (true/false), got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name}: expected an int, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name}: expected a float, got {text!r}") from None
+    if tp is str:
+        return text
+    raise ValueError(f"{name}: cannot parse a value of type {tp}")
+
+
+def _parse_value(text: str, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.strip().lower() in ("none", "null"):
+            return None
+        return _parse_value(text, args[0], name)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        text = text.strip()
+        if text.startswith("["):
+            items = [str(x) for x in json.loads(text)]
+        else:
+            items = [s.strip() for s in text.strip("()").split(",") if s.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_scalar(s, args[0], name) for s in items)
+        if len(items) != len(args):
+            raise ValueError(f"{name}: expected {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_scalar(s, a, name) for s, a in zip(items, args, strict=True))
+    return _parse_scalar(text, tp, name)
+
+
+def _set_path(obj: Any, path: list[str], text: str, full: str) -> Any:
+    hints = _field_types(type(obj))
+    head = path[0]
+    if head not in hints:
+        known = field_names(type(obj))
+        close = difflib.get_close_matches(full, field_names(), n=3) or difflib.get_close_matches(
+            head, known, n=3
+        )
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown config field {full!r}{hint}")
+    tp = hints[head]
+    if len(path) == 1:
+        if dataclasses.is_dataclass(tp):
+            raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
+        return dataclasses.replace(obj, **{head: _parse_value(text, tp, full)})
+    if not dataclasses.is_dataclass(tp):
+        raise ValueError(f"unknown config field {full!r}: {head!r} has no sub-fields")
+    return dataclasses.replace(obj, **{head: _set_path(getattr(obj, head), path[1:], text, full)})
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """Applies ``dotted.field=value`` strings, parsing values by the field annotations.
+
+    Args:
+        config: the starting config.
+        overrides: strings like ``"sft.ogpsa.k=4"``, ``"mesh=2,4,1"``, ``"model.dtype=bfloat16"``.
+
+    Returns:
+        The new config (not yet validated; call `validate`).
+
+    Example:
+        >>> apply_overrides(tiny(), ["sft.ogpsa.k=4"]).sft.ogpsa.k
+        4
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects field=value, got {item!r}")
+        key, text = item.split("=", 1)
+        config = _set_path(config, key.strip().split("."), text, key.strip())
+    return config
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:
+    """Inverse of `to_dict`; unknown keys are a ValueError."""
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ValueError(f"unknown config field {key!r} for {cls.__name__}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(value, tp)
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    for name, tp in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        full = prefix + name
+        if dataclasses.is_dataclass(tp):
+            _check_types(value, full + ".")
+            continue
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            if value is None:
+                continue
+            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+            origin = typing.get_origin(tp)
+        if origin is tuple:
+            args = typing.get_args(tp)
+            elem = args[0]
+            ok = isinstance(value, tuple) and all(
+                isinstance(v, elem) and not (elem is int and isinstance(v, bool)) for v in value
+            )
+            if ok and not (len(args) == 2 and args[1] is Ellipsis):
+                ok = len(value) == len(args)
+        elif tp is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif tp is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, tp)
+        if not ok:
+            raise ValueError(f"config field {full!r}: expected {tp}, got {value!r}")
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"config field {name!r} must be one of {list(allowed)}, got {value!r}")
+
+
+def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
+    def pos(field_name: str, value: float, zero_ok: bool = False) -> None:
+        if value < 0 or (value == 0 and not zero_ok):
+            cmp = ">= 0" if zero_ok else "> 0"
+            raise ValueError(f"config field '{name}.{field_name}' must be {cmp}, got {value}")
+
+    pos("epochs", st.epochs)
+    pos("max_steps", st.max_steps, zero_ok=True)
+    pos("limit", st.limit, zero_ok=True)
+    pos("batch_size", st.batch_size)
+    pos("accum_steps", st.accum_steps)
+    pos("max_length", st.max_length)
+    pos("learning_rate", st.learning_rate, zero_ok=True)
+    pos("warmup_steps", st.warmup_steps, zero_ok=True)
+    pos("max_grad_norm", st.max_grad_norm, zero_ok=True)
+    pos("weight_decay", st.weight_decay, zero_ok=True)
+    pos("eps", st.eps, zero_ok=True)
+    for b in ("b1", "b2"):
+        if not 0.0 <= getattr(st, b) < 1.0:
+            raise ValueError(f"config field '{name}.{b}' must be in [0, 1), got {getattr(st, b)}")
+    _choice(f"{name}.truncation", st.truncation, ("left", "right", "error"))
+    _choice(f"{name}.schedule", st.schedule, ("cosine", "constant"))
+    _choice(f"{name}.optimizer", st.optimizer, ("adamw", "sgd"))
+    _choice(f"{name}.loss_type", st.loss_type, ("sigmoid", "ipo"))
+    _choice(f"{name}.dpo_reference", st.dpo_reference, ("precompute", "model"))
+    if stage == "dpo":
+        pos("beta", st.beta)
+    if not 0.0 <= st.label_smoothing < 0.5:
+        raise ValueError(
+            f"config field '{name}.label_smoothing' must be in [0, 0.5), got {st.label_smoothing}"
+        )
+    og = st.ogpsa
+    _choice(f"{name}.ogpsa.method", og.method, METHODS)
+    if og.k < 1:
+        raise ValueError(f"config field '{name}.ogpsa.k' must be >= 1, got {og.k}")
+    if not 0.0 <= og.strength <= 1.0:
+        raise ValueError(
+            f"config field '{name}.ogpsa.strength' must be in [0, 1], got {og.strength}"
+        )
+    if not 0.0 <= og.energy <= 1.0:
+        raise ValueError(f"config field '{name}.ogpsa.energy' must be in [0, 1], got {og.energy}")
+    for f in ("refresh_every", "reference_rows", "reference_batch_size"):
+        pos(f"ogpsa.{f}", getattr(og, f))
+    if og.enabled and not og.reference:
+        raise ValueError(f"config field '{name}.ogpsa.reference' is empty but OGPSA is enabled")
+
+
+def stages_of(command: str) -> tuple[str, ...]:
+    """The stages a ``train`` sub-command runs: sft -> (sft,), sft-dpo -> (sft, dpo)."""
+    table = {"sft": ("sft",), "dpo": ("dpo",), "sft-dpo": ("sft", "dpo")}
+    if command not in table:
+        raise ValueError(f"unknown training command {command!r}; known: {', '.join(table)}")
+    return table[command]
+
+
+def resolve_mesh_shape(config: TrainConfig, device_count: int) -> tuple[int, int, int]:
+    """The concrete (data, fsdp, tensor) shape, checked against the devices used.
+
+    Args:
+        config: the run config.
+        device_count: number of visible devices (``jax.device_count()``).
+
+    Returns:
+        The mesh shape with any -1 filled in.
+    """
+    n = config.num_devices or device_count
+    if n > device_count:
+        raise ValueError(f"num_devices={n} but only {device_count} devices are visible")
+    shape = list(config.mesh)
+    if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        raise ValueError(f"mesh {tuple(config.mesh)}: entries must be >= 1, with at most one -1")
+    if -1 in shape:
+        rest = -int(_prod(shape))
+        if rest == 0 or n % rest:
+            raise ValueError(f"mesh {tuple(config.mesh)} does not divide {n} devices")
+        shape[shape.index(-1)] = n // rest
+    if int(_prod(shape)) != n:
+        raise ValueError(
+            f"mesh {tuple(shape)} has {int(_prod(shape))} devices but {n} are used "
+            f"(num_devices={config.num_devices}, visible={device_count})"
+        )
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _prod(xs: Sequence[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int, int, int]:
+    """Checks types, ranges, choices and the mesh before any compute.
+
+    Args:
+        config: the config to check.
+        command: "sft", "dpo" or "sft-dpo".
+        device_count: visible devices.
+
+    Returns:
+        The resolved mesh shape.
+
+    Raises:
+        ValueError: naming the first bad field.
+    """
+    _check_types(config)
+    stages = stages_of(command)
+    _choice("model.init", config.model.init, ("random", "hf"))
+    _choice("model.dtype", config.model.dtype, ("float32", "bfloat16"))
+    _choice("model.param_dtype", config.model.param_dtype, ("float32", "bfloat16"))
+    _choice("mesh_axis_type", config.mesh_axis_type, ("auto", "explicit"))
+    _choice("on_nonfinite", config.on_nonfinite, ("skip", "stop"))
+    if config.model.init == "random":
+        _choice(
+            "model.arch", config.model.arch, ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_1_8b")
+        )
+    elif not config.model.path:
+        raise ValueError("config field 'model.path' is empty but model.init='hf'")
+    if config.model.frozen_layers < 0:
+        raise ValueError("config field 'model.frozen_layers' must be >= 0")
+    for f in ("checkpoint_every", "max_to_keep", "max_consecutive_skips"):
+        if getattr(config, f) < 1:
+            raise ValueError(f"config field {f!r} must be >= 1, got {getattr(config, f)}")
+    if config.num_devices < 0:
+        raise ValueError(f"config field 'num_devices' must be >= 0, got {config.num_devices}")
+    shape = resolve_mesh_shape(config, device_count)
+    for stage in stages:
+        st = getattr(config, stage)
+        _stage_checks(stage, st, stage)
+        rows = st.batch_size
+        if rows % (shape[0] * shape[1]):
+            raise ValueError(
+                f"config field '{stage}.batch_size'={rows} is not divisible by the mesh's "
+                f"data*fsdp={shape[0] * shape[1]}"
+            )
+    return shape
