@@ -335,6 +335,18 @@ def test_bad_input_raises_clear_errors(synthetic, tmp_path):
                 drop="model.layers.1.mlp.up_proj.weight")  # fmt: skip
     with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
         convert_gguf(tmp_path / "bad.gguf", tmp_path / "x")
+    _write_gguf(
+        tmp_path / "pre.gguf", {**c, "pre": "llama-bpe"}, synthetic["weights"], synthetic["tok"]
+    )
+    with pytest.raises(ValueError, match="unsupported tokenizer.ggml.pre 'llama-bpe'"):
+        convert_gguf(tmp_path / "pre.gguf", tmp_path / "x")
+    writer = gguf.GGUFWriter(str(tmp_path / "qwen.gguf"), "qwen2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="only the 'llama' GGUF architecture.*'qwen2'"):
+        convert_gguf(tmp_path / "qwen.gguf", tmp_path / "x")
     assert not (tmp_path / "x").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".x")] == []
 

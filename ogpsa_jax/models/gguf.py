@@ -32,6 +32,7 @@ import gguf
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +235,8 @@ def _token_string(reader: gguf.GGUFReader, token_id: int | None) -> str | None:
     return reader.fields["tokenizer.ggml.tokens"].contents(token_id)
 
 
-def _build_tokenizer(reader: gguf.GGUFReader) -> tuple[Any, dict[str, Any]]:
+def _build_tokenizer(reader: gguf.GGUFReader) -> tuple[Tokenizer, dict[str, Any]]:
     """Rebuilds the byte-level BPE tokenizer and its `tokenizer_config.json` dict."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"only GPT-2 style BPE tokenizers are supported, got {kind!r}")
@@ -308,9 +307,9 @@ def _build_tokenizer(reader: gguf.GGUFReader) -> tuple[Any, dict[str, Any]]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": _field(reader, "llama.context_length"),
     }
-    template = _field(reader, "tokenizer.chat_template", None)
-    if template is not None:
-        config["chat_template"] = template
+    chat_template = _field(reader, "tokenizer.chat_template", None)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     return tok, config
 
 
@@ -365,11 +364,11 @@ def _convert(
     cfg = _llama_config(reader, tensor_names)
     cfg["torch_dtype"] = dtype
     tokenizer, tok_config = _build_tokenizer(reader)
-    tensors = _hf_tensors(reader, cfg, _DTYPES[dtype])
     if tokenizer.get_vocab_size(with_added_tokens=True) > cfg["vocab_size"]:
         raise ValueError(
             f"tokenizer has {tokenizer.get_vocab_size()} tokens, model only {cfg['vocab_size']}"
         )
+    tensors = _hf_tensors(reader, cfg, _DTYPES[dtype])
     gen_config = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
