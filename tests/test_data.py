@@ -125,6 +125,39 @@ def test_system_prompt_and_chat_errors(tok):
         data.render_chat(tok, msgs, train_turns="first")
 
 
+def test_default_system_template_and_prefix_inconsistent_template():
+    tokenizer = AutoTokenizer.from_pretrained(data.assets_path("tiny_tokenizer"))
+    # SmolLM2/Qwen2.5 style: a default system message when the conversation has none.
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{%- if loop.first and m['role'] != 'system' %}"
+        "{{- '<|im_start|>system\\nDefault helper.<|im_end|>\\n' }}{%- endif %}"
+        "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    ids, mask = data.render_chat(tokenizer, CONVERSATION[1:])
+    assert _decode(tokenizer, ids).startswith("<|im_start|>system\nDefault helper.")
+    replies = [_decode(tokenizer, ids[a:b]) for a, b in _runs(mask)]
+    assert replies == [CONVERSATION[2]["content"] + "<|im_end|>", "Lima. ☕<|im_end|>"]
+    # A template that renders the last message differently (like thinking-stripping ones).
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{{- m['role'] + ': ' + m['content'] }}"
+        "{%- if not loop.last %}{{- '<|im_end|>' }}{%- endif %}{%- endfor %}"
+    )
+    with pytest.raises(ValueError, match="between the generation prompt and assistant message 2"):
+        data.render_chat(tokenizer, CONVERSATION)
+    # A template that drops earlier assistant turns' text (like thinking-stripping ones).
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{%- if m['role'] == 'assistant' and not loop.last %}"
+        "{{- 'assistant: (earlier)<|im_end|>' }}{%- else %}"
+        "{{- m['role'] + ': ' + m['content'] + '<|im_end|>' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
+    )
+    with pytest.raises(ValueError, match="not prefix-consistent at assistant message 2"):
+        data.render_chat(tokenizer, CONVERSATION)
+    ids, mask = data.render_chat(tokenizer, CONVERSATION[:3])  # one turn: fine
+    assert _decode(tokenizer, ids[mask]) == CONVERSATION[2]["content"] + "<|im_end|>"
+
+
 def test_left_pad():
     ids, mask = data.left_pad([[5, 6, 7], [8], [1, 2, 3, 4, 9]], 0, multiple_of=3)
     np.testing.assert_array_equal(ids, [[0, 0, 0, 5, 6, 7], [0, 0, 0, 0, 0, 8], [0, 1, 2, 3, 4, 9]])

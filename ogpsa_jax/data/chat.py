@@ -7,7 +7,10 @@ turn). Both must be prefixes of the full rendering; the characters in between, l
 whitespace after the end-of-turn token, are the assistant span. Tokens are mapped to spans with
 the fast tokenizer's character offsets, so the mask is exact for ChatML (Qwen, SmolLM2) and
 Llama-3 templates: it covers the response and its end-of-turn token (``<|im_end|>`` /
-``<|eot_id|>``), never the role header.
+``<|eot_id|>``), never the role header. A token that straddles the header/content boundary
+counts as header: it happens only when the template's tokenisation merges the two, e.g. the
+header newline with a response's leading space (``"\\n "`` in GPT-2-style BPEs such as
+SmolLM2's), and then only that leading space is left out of the mask.
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def render_chat(
 
     Raises:
       ValueError: on malformed messages, an unknown ``train_turns``, a slow tokenizer, or a
-        template whose renderings of prefixes are not prefixes of the full rendering.
+        template whose renderings of prefixes are not prefixes of the full rendering or do not
+        end where the assistant content starts.
 
     Example:
       >>> ids, mask = render_chat(tok, [{"role": "user", "content": "Hi"},
@@ -141,8 +145,12 @@ def render_chat(
                 "assistant mask cannot be computed"
             )
         start, end = len(before), len(after.rstrip())
-        if end <= start:
-            raise ValueError(f"assistant message {i} renders to no text")
+        if not full[start:end].lstrip().startswith(msgs[i]["content"].strip()):
+            raise ValueError(
+                f"chat template renders other text between the generation prompt and assistant "
+                f"message {i}'s content (does it ignore add_generation_prompt?), so the assistant "
+                "mask cannot be computed"
+            )
         spans.append((start, end))
     ids, offsets = _encode_with_offsets(tokenizer, full)
     mask = np.zeros(ids.shape, dtype=bool)
