@@ -456,6 +456,10 @@ def test_bad_rows_name_file_row_and_field(tmp_path, caplog):
     uf = _write_jsonl(tmp_path / "uf.jsonl", [{"prompt": "q", "chosen": chat, "rejected": chat}])
     with pytest.raises(ValueError, match=r"row 0: field 'chosen\[1\].content' is empty"):
         data.load_preferences(uf)
+    chat = [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]
+    uf = _write_jsonl(tmp_path / "uf2.jsonl", [{"messages": chat}])
+    with pytest.raises(ValueError, match=r"row 0: field 'messages\[0\].content' is empty"):
+        data.load_sft(uf)
     other = _write_jsonl(tmp_path / "other.jsonl", [{"text": "x"}])
     with pytest.raises(ValueError, match="match no known schema"):
         data.load_sft(other)

@@ -118,8 +118,8 @@ def _chat(value: Any, field: str) -> tuple[tuple[tuple[str, str], ...], str, str
         role = m.get("role")
         if role not in ("system", "user", "assistant"):
             raise _RowError(f"{field}[{j}].role", f"must be system/user/assistant, got {role!r}")
-        final = j == len(value) - 1
-        content = _text(m, "content", allow_empty=not final, label=f"{field}[{j}].content")
+        last_two = j >= len(value) - 2  # the final prompt and reply must not be empty
+        content = _text(m, "content", allow_empty=not last_two, label=f"{field}[{j}].content")
         turns.append((role, content))
     if turns[-1][0] != "assistant" or turns[-2][0] != "user":
         raise _RowError(field, "must end with a user message followed by an assistant message")
