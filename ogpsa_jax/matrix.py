@@ -27,12 +27,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 logger = logging.getLogger(__name__)
 
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
+# A dtype instance, not the callable `jnp.float32`: optax.inject_hyperparams would take a
+# callable default for a schedule.
+_F32_DTYPE = np.dtype(np.float32)
 _LETTERS = "abcdefghjklmnopqstuvwxyz"  # no 'i' (input axis) and no 'r' (rank axis)
 
 DimsSpec = Any  # pytree of int | None, or Callable[[KeyPath, jax.Array], int | None]
@@ -375,7 +379,7 @@ def ogpsa_matrix(
     dims: DimsSpec = None,
     strength: float | jax.Array = 1.0,
     mask: Any = None,
-    basis_dtype: Any = jnp.float32,
+    basis_dtype: Any = _F32_DTYPE,
 ) -> optax.GradientTransformationExtraArgs:
     """OGPSA with a protected input subspace of dimension ``rank`` per weight matrix.
 
@@ -388,6 +392,10 @@ def ogpsa_matrix(
       mask: pytree of bools (or a callable on the params returning one); ``False`` leaves pass
         through with no memory.
       basis_dtype: dtype of the stored ``V`` (float32 by default).
+
+    Under ``optax.inject_hyperparams`` pass ``static_args=("rank",)`` (plus ``"dims"``,
+    ``"mask"`` or ``"basis_dtype"`` when they are callables: it would treat those as
+    schedules); ``strength`` can then be changed in ``state.hyperparams``.
 
     Returns:
       A ``GradientTransformationExtraArgs`` with state :class:`MatrixOGPSAState` (all-zero

@@ -241,6 +241,16 @@ def test_set_basis_through_chain():
     chex.assert_trees_all_close(updates, jax.tree.map(lambda a: -a, direct), atol=1e-6, rtol=0)
 
 
+def test_inject_hyperparams_strength():
+    rng = np.random.default_rng(14)
+    grads, basis = _tree(rng), _basis(rng)
+    tx = optax.inject_hyperparams(ogpsa_matrix, static_args=("rank",))(rank=RANK, strength=1.0)
+    state = tx.init(grads)
+    state.hyperparams["strength"] = jnp.asarray(0.25)
+    out, _ = jax.jit(tx.update)(grads, state, basis=basis)
+    chex.assert_trees_all_close(out, project_matrix(grads, basis, strength=0.25), atol=1e-6, rtol=0)
+
+
 def _spectrum_matrix(rng, rows, cols, svals):
     u = np.linalg.qr(rng.normal(size=(rows, len(svals))))[0]
     v = np.linalg.qr(rng.normal(size=(cols, len(svals))))[0]
