@@ -1,0 +1,81 @@
+"""Evaluation for the alignment-tax experiment: shipped prompt sets, refusal judges,
+refusal rate, multiple choice by log-likelihood, GSM8K, drift, and an lm-eval adapter.
+
+Example:
+    >>> from ogpsa_jax import eval as ev
+    >>> rows = ev.load_prompt_set("strongreject", limit=4)
+    >>> ev.refusal_judge("I'm sorry, but I can't help with that.")
+    True
+"""
+
+from ogpsa_jax.eval.evaluators import (
+    drift,
+    extract_last_number,
+    gsm8k_exact_match,
+    gsm8k_mc_accuracy,
+    judge_refusals,
+    multiple_choice_accuracy,
+    reference_answers,
+    refusal_rate,
+    score_gsm8k_responses,
+)
+from ogpsa_jax.eval.judge import (
+    REFUSAL_PATTERNS,
+    Judge,
+    KeywordJudge,
+    ModelJudge,
+    parse_strongreject_rubric,
+    refusal_judge,
+    strongreject_rubric_prompt,
+)
+from ogpsa_jax.eval.lm_eval_adapter import LMEvalAdapter
+from ogpsa_jax.eval.prompts import (
+    GSM8K_ANSWER_CUE,
+    HARMFUL_EVAL_SETS,
+    PROMPT_SET_NAMES,
+    gsm8k_choices,
+    licence_path,
+    load_prompt_set,
+    normalise_prompt,
+)
+from ogpsa_jax.eval.scoring import (
+    encode_prompts,
+    eos_token_ids,
+    generate_from_ids,
+    generate_responses,
+    generate_token_ids,
+    score_continuations,
+)
+
+__all__ = [
+    "GSM8K_ANSWER_CUE",
+    "HARMFUL_EVAL_SETS",
+    "PROMPT_SET_NAMES",
+    "REFUSAL_PATTERNS",
+    "Judge",
+    "KeywordJudge",
+    "LMEvalAdapter",
+    "ModelJudge",
+    "drift",
+    "encode_prompts",
+    "eos_token_ids",
+    "extract_last_number",
+    "generate_from_ids",
+    "generate_responses",
+    "generate_token_ids",
+    "gsm8k_choices",
+    "gsm8k_exact_match",
+    "gsm8k_mc_accuracy",
+    "judge_refusals",
+    "licence_path",
+    "load_prompt_set",
+    "multiple_choice_accuracy",
+    "normalise_prompt",
+    "parse_strongreject_rubric",
+    "reference_answers",
+    "refusal_judge",
+    "refusal_rate",
+    "score_continuations",
+    "score_gsm8k_responses",
+    "strongreject_rubric_prompt",
+]

