@@ -29,3 +29,10 @@ from ogpsa_jax.matrix_basis import (  # noqa: E402, F401
     matrix_basis_from_activations,
     matrix_basis_from_gradients,
 )
+from ogpsa_jax.eval import (  # noqa: E402, F401
+    LMEvalAdapter,
+    load_prompt_set,
+    multiple_choice_accuracy,
+    refusal_judge,
+    refusal_rate,
+)
