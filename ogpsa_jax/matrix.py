@@ -16,8 +16,8 @@ flat basis.
 
 Which axis is the input axis is given by ``dims`` (a pytree of ints/None or a callable
 ``(path, leaf) -> int | None``, like optax's Muon dimension numbers); by default 2-D and 3-D
-leaves use ``-2`` and every other leaf (norm scales, biases, and anything whose path contains
-"embed") passes through with no memory (``optax.MaskedNode``).
+leaves use ``-2`` and every other leaf (1-D leaves, and anything whose path contains "embed",
+"norm", "bias" or "scale") passes through with no memory (``optax.MaskedNode``).
 """
 
 from __future__ import annotations
@@ -54,22 +54,27 @@ def _path_str(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+_SKIP_NAMES = ("embed", "norm", "bias", "scale")
+
+
 def default_dims(path: tuple[Any, ...], leaf: Any) -> int | None:
-    """Default input axis: ``-2`` for 2-D and 3-D (layer-stacked) leaves, else ``None``.
+    """Default input axis: ``-2`` for 2-D and 3-D (layer-stacked) weights, else ``None``.
 
     Args:
       path: the leaf's key path (``jax.tree_util`` keys).
       leaf: the parameter (only its ``ndim`` is read).
 
     Returns:
-      ``-2`` for a 2-D ``(d_in, d_out)`` or 3-D ``(L, d_in, d_out)`` leaf whose path does not
-      contain "embed" (case-insensitive); ``None`` (pass through) otherwise.
+      ``-2`` for a 2-D ``(d_in, d_out)`` or 3-D ``(L, d_in, d_out)`` leaf whose path contains
+      none of "embed", "norm", "bias", "scale" (case-insensitive; so stacked ``(L, D)`` norm
+      scales and biases pass through); ``None`` (pass through) otherwise.
 
     Example:
       >>> default_dims((), jnp.zeros((3, 5)))
       -2
     """
-    if "embed" in _path_str(path).lower():
+    name = _path_str(path).lower()
+    if any(word in name for word in _SKIP_NAMES):
         return None
     return -2 if jnp.ndim(leaf) in (2, 3) else None
 
@@ -386,8 +391,9 @@ def ogpsa_matrix(
     Args:
       rank: columns of each ``V`` (static), >= 1; zero columns project nothing.
       dims: input axis per leaf: ``None`` (:func:`default_dims`: ``-2`` for 2-D/3-D leaves
-        without "embed" in their path), a callable ``(path, leaf) -> int | None``, or a
-        pytree of ints/``None`` with the parameters' structure. ``None`` = pass through.
+        without "embed", "norm", "bias" or "scale" in their path), a callable
+        ``(path, leaf) -> int | None``, or a pytree of ints/``None`` with the parameters'
+        structure. ``None`` = pass through.
       strength: fraction of the component removed, in [0, 1].
       mask: pytree of bools (or a callable on the params returning one); ``False`` leaves pass
         through with no memory.

@@ -79,6 +79,38 @@ def test_state_layout_and_memory(tx):
     assert basis_nbytes((state, optax.EmptyState())) == (3 * 10 + 12) * RANK * 4
 
 
+def test_default_dims_on_decoder_layout():
+    # Our decoder's layout: stacked (L, D) norms and (L, Q) biases must not be read as matrices.
+    L, D, Q, F, V = 2, 5, 6, 7, 11
+    params = {
+        "embed_tokens": jnp.zeros((V, D)),
+        "layers": {
+            "attn_norm": jnp.zeros((L, D)),
+            "q_proj": jnp.zeros((L, D, Q)),
+            "q_bias": jnp.zeros((L, Q)),
+            "o_proj": jnp.zeros((L, Q, D)),
+            "down_proj": jnp.zeros((L, F, D)),
+        },
+        "final_norm": jnp.zeros(D),
+        "lm_head": jnp.zeros((D, V)),
+    }
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    basis = ogpsa_matrix(3).init(params).basis
+    shapes = jax.tree.map(lambda v: "skip" if masked(v) else v.shape, basis, is_leaf=masked)
+    assert shapes == {
+        "embed_tokens": "skip",
+        "layers": {
+            "attn_norm": "skip",
+            "q_proj": (L, D, 3),
+            "q_bias": "skip",
+            "o_proj": (L, Q, 3),
+            "down_proj": (L, F, 3),
+        },
+        "final_norm": "skip",
+        "lm_head": (D, 3),
+    }
+
+
 def test_update_is_orthogonal_to_protected_subspace(tx, jit_update):
     rng = np.random.default_rng(1)
     grads, basis = _tree(rng), _basis(rng)
