@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AxisType
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.sharding import param_shardings
+from ogpsa_jax.models.sharding import fit_spec, param_shardings
 
 # Mesh axes per parameter dimension (the stacked layer axis is never sharded).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -168,14 +169,23 @@ class Decoder(nnx.Module):
             raise ValueError(
                 f"attention_mask shape {attention_mask.shape} != input_ids {input_ids.shape}"
             )
-        return forward(
-            self.params(),
-            self.config,
-            self.dtype,
-            input_ids,
-            attention_mask,
-            frozen_layers=frozen_layers,
-        )
+        run = lambda p, i, m: forward(p, self.config, self.dtype, i, m, frozen_layers=frozen_layers)
+        out_shape = (*input_ids.shape, self.config.vocab_size)
+        return with_auto_axes(run, out_shape)(self.params(), input_ids, attention_mask)
+
+
+def with_auto_axes(fn: Any, out_shape: tuple[int, ...]) -> Any:
+    """Runs `fn` with GSPMD propagation when the ambient mesh has Explicit axes.
+
+    The decoder's matmuls contract sharded dimensions, which Explicit-axis typing refuses
+    without per-op output shardings; inside `auto_axes` XLA chooses them. The result is
+    resharded to batch-over-`data` (replicated where `data` does not divide the batch).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return fn
+    spec = fit_spec(("data",) + (None,) * (len(out_shape) - 1), out_shape, dict(mesh.shape))
+    return jax.sharding.auto_axes(fn, out_sharding=spec)
 
 
 def init_random(

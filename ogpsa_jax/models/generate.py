@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.decoder import Decoder, forward_with_cache
+from ogpsa_jax.models.decoder import Decoder, forward_with_cache, with_auto_axes
 
 
 def _sample(logits_BxV: jax.Array, greedy: bool, temperature, top_p, key) -> jax.Array:
@@ -26,9 +26,7 @@ def _sample(logits_BxV: jax.Array, greedy: bool, temperature, top_p, key) -> jax
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "dtype", "max_new_tokens", "greedy", "eos_ids", "pad_id")
-)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens", "greedy"))
 def _generate(
     params: dict[str, Any],
     input_ids: jax.Array,
@@ -36,14 +34,42 @@ def _generate(
     temperature: jax.Array,
     top_p: jax.Array,
     rng: jax.Array,
+    eos_E: jax.Array,
+    pad_id: jax.Array,
     *,
     config: DecoderConfig,
     dtype: Any,
     max_new_tokens: int,
     greedy: bool,
-    eos_ids: tuple[int, ...],
-    pad_id: int,
 ) -> jax.Array:
+    run = lambda *args: _generate_loop(
+        *args,
+        config=config,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+    )
+    out_shape = (input_ids.shape[0], max_new_tokens)
+    return with_auto_axes(run, out_shape)(
+        params, input_ids, attention_mask, temperature, top_p, rng, eos_E, pad_id
+    )
+
+
+def _generate_loop(
+    params,
+    input_ids,
+    attention_mask,
+    temperature,
+    top_p,
+    rng,
+    eos_E,
+    pad_id,
+    *,
+    config,
+    dtype,
+    max_new_tokens,
+    greedy,
+):
     b, p = input_ids.shape
     t = p + max_new_tokens
     shape = (config.num_layers, b, config.num_kv_heads, t, config.head_dim)
@@ -57,7 +83,6 @@ def _generate(
     )
     rng, key = jax.random.split(rng)
     token_B = _sample(logits[:, -1], greedy, temperature, top_p, key)
-    eos = jnp.asarray(eos_ids, jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((b,), bool)
 
@@ -68,7 +93,7 @@ def _generate(
     def body(state):
         i, out, done, token_B, caches, kv_valid_BxT, rng = state
         out = out.at[:, i].set(jnp.where(done, pad_id, token_B))
-        done = done | jnp.any(token_B[:, None] == eos[None], axis=1)
+        done = done | jnp.any(token_B[:, None] == eos_E[None], axis=1)
         slot = p + i
         kv_valid_BxT = kv_valid_BxT.at[:, slot].set(True)
         logits, caches = forward_with_cache(
@@ -143,12 +168,12 @@ def generate(
         jnp.float32(max(temperature, 1e-6)),
         jnp.float32(top_p),
         jax.random.key(0) if rng is None else rng,
+        jnp.asarray(eos_ids, jnp.int32),
+        jnp.int32(pad_id),
         config=model.config,
         dtype=model.dtype,
         max_new_tokens=int(max_new_tokens),
         greedy=greedy,
-        eos_ids=tuple(int(e) for e in eos_ids),
-        pad_id=pad_id,
     )
 
 

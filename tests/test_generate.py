@@ -1,0 +1,140 @@
+"""KV-cache generation and sequence log-probabilities."""
+
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ogpsa_jax.models import generate, init_random, load_hf, sequence_logprobs, tiny_config
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+NAMES = sorted(d for d in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, d)))
+N_NEW = 7
+# the module (the package re-exports the function under the same name)
+generate_mod = importlib.import_module("ogpsa_jax.models.generate")
+
+
+@nnx.jit
+def fwd(model, ids, mask):
+    return model(ids, mask)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_random(tiny_config(vocab_size=89, architecture="qwen2"), seed=4, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    ids = jax.random.randint(jax.random.key(7), (3, 6), 3, 89)
+    mask = jnp.array([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]], jnp.int32)
+    return jnp.where(mask == 1, ids, 0), mask
+
+
+def _full_forward_greedy(model, ids, mask, n_new, eos_ids, pad_id):
+    """Reference: argmax of repeated full forward passes (one compile: fixed total length)."""
+    b, p = ids.shape
+    seq = jnp.concatenate([ids, jnp.zeros((b, n_new), ids.dtype)], axis=1)
+    full_mask = jnp.concatenate([mask, jnp.zeros((b, n_new), mask.dtype)], axis=1)
+    out = np.full((b, n_new), pad_id)
+    done = np.zeros(b, bool)
+    for i in range(n_new):
+        logits = fwd(model, seq, full_mask)
+        nxt = np.asarray(jnp.argmax(logits[:, p + i - 1], axis=-1))
+        out[:, i] = np.where(done, pad_id, nxt)
+        done |= np.isin(nxt, eos_ids)
+        seq = seq.at[:, p + i].set(nxt)
+        full_mask = full_mask.at[:, p + i].set(1)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES[:2])
+def test_greedy_matches_transformers_generate(name):
+    ref = np.load(f"{FIXTURES}/{name}/reference.npz")
+    eos, pad, n = (int(x) for x in ref["gen_meta"])
+    model = load_hf(f"{FIXTURES}/{name}", dtype=jnp.float32)
+    got = generate(
+        model,
+        jnp.asarray(ref["gen_input_ids"]),
+        jnp.asarray(ref["mask_left"]),
+        max_new_tokens=n,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    np.testing.assert_array_equal(np.asarray(got), ref["gen_tokens"])
+
+
+def test_kv_cache_greedy_equals_full_forward_with_eos_stop(model, prompts):
+    ids, mask = prompts
+    # pick as EOS the token row 1 emits at step 2 (found without any EOS), so a stop happens
+    free = _full_forward_greedy(model, ids, mask, N_NEW, [-1], 0)
+    eos = [int(free[1, 2]), 88, -1]  # three ids, as in the other tests: one compile
+    ref = _full_forward_greedy(model, ids, mask, N_NEW, eos, 0)
+    got = generate(model, ids, mask, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0)
+    assert got.dtype == jnp.int32 and got.shape == (3, N_NEW)
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    assert (ref[1, 3:] == 0).all() and ref[1, 2] == eos[0]
+    # default pad = first EOS id; same compiled function (no recompile) for equal shapes
+    size = generate_mod._generate._cache_size()
+    again = generate(model, ids, mask, max_new_tokens=N_NEW, eos_token_id=eos)
+    np.testing.assert_array_equal(np.asarray(again)[1, 3:], eos[0])
+    np.testing.assert_array_equal(np.asarray(again)[0], ref[0])
+    assert generate_mod._generate._cache_size() == size
+
+
+def test_all_rows_done_stops_early(model, prompts):
+    ids, mask = prompts
+    free = generate(model, ids, mask, max_new_tokens=N_NEW, eos_token_id=[-1, -1, -1])
+    first = np.asarray(free)[:, 0]
+    out = generate(
+        model, ids, mask, max_new_tokens=N_NEW, eos_token_id=first.tolist(), pad_token_id=5
+    )
+    np.testing.assert_array_equal(np.asarray(out)[:, 0], first)
+    assert (np.asarray(out)[:, 1:] == 5).all()
+
+
+def test_sampling(model, prompts):
+    ids, mask = prompts
+    kw = dict(max_new_tokens=N_NEW, eos_token_id=[-1, -1, -1])
+    greedy = generate(model, ids, mask, **kw)
+    # a nucleus this small keeps only the top token: sampling reduces to greedy
+    tiny_p = generate(model, ids, mask, temperature=0.7, top_p=1e-6, rng=jax.random.key(0), **kw)
+    np.testing.assert_array_equal(np.asarray(tiny_p), np.asarray(greedy))
+    hot = dict(temperature=5.0, top_p=1.0, **kw)
+    a = generate(model, ids, mask, rng=jax.random.key(1), **hot)
+    b = generate(model, ids, mask, rng=jax.random.key(1), **hot)
+    c = generate(model, ids, mask, rng=jax.random.key(2), **hot)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (np.asarray(a) != np.asarray(c)).any()
+    assert ((np.asarray(a) >= 0) & (np.asarray(a) < 89)).all()
+
+
+def test_sequence_logprobs_matches_manual(model):
+    ids = jax.random.randint(jax.random.key(3), (2, 7), 0, 89)
+    mask = jnp.array([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], jnp.int32)
+    loss_mask = jnp.array([[0, 0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 0, 0]], jnp.int32)
+    total, count = nnx.jit(sequence_logprobs)(model, ids, mask, loss_mask)
+    logits = np.asarray(fwd(model, ids, mask), np.float64)
+    for b in range(2):
+        expect = 0.0
+        for t in np.flatnonzero(np.asarray(loss_mask[b])):
+            row = logits[b, t - 1]
+            expect += row[int(ids[b, t])] - np.log(np.exp(row - row.max()).sum()) - row.max()
+        np.testing.assert_allclose(float(total[b]), expect, rtol=1e-5, atol=1e-5)
+        assert float(count[b]) == float(loss_mask[b].sum())
+
+
+def test_bad_arguments(model, prompts):
+    ids, mask = prompts
+    with pytest.raises(ValueError, match="rng"):
+        generate(model, ids, mask, max_new_tokens=2, eos_token_id=2, temperature=1.0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate(model, ids, mask[:, 1:], max_new_tokens=2, eos_token_id=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ids, mask, max_new_tokens=0, eos_token_id=2)
+    with pytest.raises(ValueError, match="loss_mask"):
+        sequence_logprobs(model, ids, mask, mask[:, 1:])

@@ -1,0 +1,233 @@
+"""Decoder, config, HF load/save and sharding: parity with transformers' fixtures."""
+
+import json
+import os
+import shutil
+import struct
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from ogpsa_jax.models import (
+    Decoder,
+    DecoderConfig,
+    init_random,
+    llama3_1_8b_config,
+    load_hf,
+    make_mesh,
+    param_shardings,
+    qwen2_5_7b_config,
+    save_hf,
+    smollm2_135m_config,
+    tiny_config,
+)
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+NAMES = sorted(d for d in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, d)))
+
+
+@nnx.jit
+def _logits(model, ids, mask):
+    return model(ids, mask)
+
+
+def _header(path: str) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+
+
+def _same(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+def test_fixture_set_covers_brief():
+    configs = [DecoderConfig.from_hf(json.load(open(f"{FIXTURES}/{n}/config.json"))) for n in NAMES]
+    assert {c.architecture for c in configs} == {"llama", "qwen2"}
+    assert {c.tie_word_embeddings for c in configs} == {True, False}
+    assert {c.num_heads // c.num_kv_heads for c in configs} >= {1, 2, 4}
+    assert any(c.rope_scaling and c.rope_scaling["rope_type"] == "llama3" for c in configs)
+    assert any(c.head_dim * c.num_heads != c.hidden_size for c in configs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(name):
+    ref = np.load(f"{FIXTURES}/{name}/reference.npz")
+    model = load_hf(f"{FIXTURES}/{name}", dtype=jnp.float32)
+    for kind in ("left", "right"):
+        mask = ref[f"mask_{kind}"]
+        got = np.asarray(_logits(model, jnp.asarray(ref["input_ids"]), jnp.asarray(mask)))
+        real = mask.astype(bool)
+        # float32 both sides; differences come from summation order only
+        np.testing.assert_allclose(got[real], ref[f"logits_{kind}"][real], rtol=1e-4, atol=1e-4)
+        assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_hf_matches_transformers_layout_and_roundtrips(name, tmp_path):
+    src = f"{FIXTURES}/{name}"
+    model = load_hf(src, dtype=jnp.float32)
+    out = save_hf(model, tmp_path / "out")
+    assert _header(f"{out}/model.safetensors") == _header(f"{src}/model.safetensors")
+    again = load_hf(out, dtype=jnp.float32)
+    assert _same(nnx.state(model), nnx.state(again))
+    saved_cfg = DecoderConfig.from_hf(json.load(open(f"{out}/config.json")))
+    assert saved_cfg == model.config
+
+
+def test_save_hf_sharded_index_and_bf16(tmp_path):
+    model = init_random(tiny_config(architecture="qwen2"), seed=5, dtype=jnp.float32)
+    out = save_hf(model, tmp_path / "sharded", max_shard_bytes=60_000)
+    index = json.load(open(f"{out}/model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1
+    assert not os.path.exists(f"{out}/model.safetensors")
+    assert _same(nnx.state(model), nnx.state(load_hf(out, dtype=jnp.float32)))
+    out16 = save_hf(model, tmp_path / "bf16", dtype=jnp.bfloat16)
+    assert {d for d, _ in _header(f"{out16}/model.safetensors").values()} == {"BF16"}
+    back = load_hf(out16, dtype=jnp.float32)
+    expect = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), nnx.state(model))
+    assert _same(expect, nnx.state(back))
+
+
+def test_config_roundtrip_through_transformers():
+    from transformers import AutoConfig
+
+    for cfg in (
+        tiny_config(),
+        tiny_config(architecture="qwen2"),
+        smollm2_135m_config(),
+        qwen2_5_7b_config(),
+        llama3_1_8b_config(),
+    ):
+        d = cfg.to_hf_dict()
+        hf = AutoConfig.for_model(**d)
+        assert DecoderConfig.from_hf(hf) == cfg
+        assert DecoderConfig.from_hf(d) == cfg
+
+
+def test_large_presets_build_abstractly_with_shardings():
+    mesh = make_mesh((2, 2, 2))
+    for cfg, expect in (
+        (qwen2_5_7b_config(), 7_615_616_512),
+        (llama3_1_8b_config(), 8_030_261_248),
+    ):
+        model = nnx.eval_shape(lambda c=cfg: Decoder(c, rngs=nnx.Rngs(0)))
+        state = nnx.state(model, nnx.Param)
+        assert sum(x.size for x in jax.tree.leaves(state)) == cfg.num_params == expect
+        shardings = param_shardings(state, mesh)
+        assert shardings["layers"]["q_proj"].get_value().spec == PartitionSpec(
+            None, "fsdp", "tensor"
+        )
+    # SmolLM2: 49152 rows split on tensor; the 9-head q projection (576) splits too
+    small = nnx.eval_shape(lambda: Decoder(smollm2_135m_config(), rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(small))) == 134_515_008
+
+
+# vocab 98 splits on tensor=2; 97 cannot and must fall back to replicated on that axis
+@pytest.mark.parametrize(
+    "shape,axis_type,vocab", [((2, 2, 2), "auto", 98), ((1, 4, 2), "explicit", 97)]
+)
+def test_sharded_model_matches_single_device(shape, axis_type, vocab):
+    cfg = tiny_config(vocab_size=vocab, architecture="qwen2").replace(tie_word_embeddings=False)
+    ids = jax.random.randint(jax.random.key(1), (4, 9), 0, vocab)
+    mask = jnp.ones((4, 9), jnp.int32).at[1, :3].set(0).at[2, 6:].set(0)
+    single = init_random(cfg, seed=2, dtype=jnp.float32)
+    ref = _logits(single, ids, mask)
+    mesh = make_mesh(shape, axis_type=axis_type)
+    sharded = init_random(cfg, seed=2, dtype=jnp.float32, mesh=mesh)
+    assert _same(nnx.state(single), nnx.state(sharded))
+    vocab_axis = "tensor" if vocab % 2 == 0 else None
+    assert sharded.lm_head.get_value().sharding.spec == PartitionSpec("fsdp", vocab_axis)
+    assert sharded.embed_tokens.get_value().sharding.spec == PartitionSpec(vocab_axis, "fsdp")
+    with jax.set_mesh(mesh):
+        got = _logits(sharded, ids, mask)
+        built = Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2))  # also builds under set_mesh
+    assert built.layers.up_proj.get_value().sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    # same math, different reduction order across shards
+    chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_layers_same_forward_and_zero_grads():
+    cfg = tiny_config(vocab_size=97).replace(num_layers=4)
+    model = init_random(cfg, seed=3, dtype=jnp.float32)
+    ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 97)
+    mask = jnp.ones((2, 8), jnp.int32).at[0, :2].set(0)
+
+    @nnx.jit(static_argnums=3)
+    def loss_and_grad(model, ids, mask, frozen):
+        def loss(m):
+            return jnp.mean(m(ids, mask, frozen_layers=frozen) ** 2)
+
+        return nnx.value_and_grad(loss)(model)
+
+    l0, g0 = loss_and_grad(model, ids, mask, 0)
+    l2, g2 = loss_and_grad(model, ids, mask, 2)
+    chex.assert_trees_all_close(l0, l2, rtol=1e-6, atol=0)
+    for name in ("q_proj", "down_proj", "attn_norm"):
+        frozen = getattr(g2.layers, name).get_value()
+        full = getattr(g0.layers, name).get_value()
+        assert not np.any(np.asarray(frozen[:2]))
+        chex.assert_trees_all_close(frozen[2:], full[2:], rtol=1e-4, atol=1e-7)
+        assert np.all(np.abs(np.asarray(full[:2])).sum(axis=tuple(range(1, full.ndim))) > 0)
+    with pytest.raises(ValueError, match="frozen_layers"):
+        model(ids, mask, frozen_layers=5)
+
+
+def test_fully_padded_row_is_finite():
+    model = init_random(tiny_config(), seed=0, dtype=jnp.float32)
+    ids = jnp.arange(14).reshape(2, 7)
+    mask = jnp.zeros((2, 7), jnp.int32).at[1].set(1)
+    out = _logits(model, ids, mask)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_config_and_checkpoint_errors(tmp_path):
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        tiny_config().replace(num_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        tiny_config().replace(architecture="gpt2")
+    src = f"{FIXTURES}/{NAMES[0]}"
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    bad = copy("arch")
+    cfg = json.load(open(bad / "config.json"))
+    json.dump({**cfg, "model_type": "mistral"}, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="mistral"):
+        load_hf(bad)
+
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(f"{src}/model.safetensors")
+    missing = copy("missing")
+    save_file(
+        {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
+        str(missing / "model.safetensors"),
+    )
+    with pytest.raises(
+        ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"
+    ):
+        load_hf(missing)
+    extra = copy("extra")
+    save_file(
+        {**tensors, "model.layers.0.extra.weight": np.ones(3, np.float32)},
+        str(extra / "model.safetensors"),
+    )
+    with pytest.raises(ValueError, match="model.layers.0.extra.weight"):
+        load_hf(extra)
+    shape = copy("shape")
+    save_file(
+        {**tensors, "model.norm.weight": np.ones(5, np.float32)}, str(shape / "model.safetensors")
+    )
+    with pytest.raises(ValueError, match="final_norm"):
+        load_hf(shape)
