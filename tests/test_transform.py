@@ -142,16 +142,23 @@ def test_projection_invariants(mode):
         chex.assert_trees_all_close(pg, _project_jit(g_np, basis_np), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.4])
-@pytest.mark.parametrize("conflict_only", [False, True])
-def test_soft_and_conflict_only(strength, conflict_only):
+@pytest.mark.parametrize(
+    "mode,strength,conflict_only",
+    [("jit", s, c) for s in (1.0, 0.4) for c in (False, True)]
+    + [("auto", 0.4, True), ("explicit", 0.4, True)],
+)
+def test_soft_and_conflict_only(mode, strength, conflict_only):
     rng = np.random.default_rng(1)
+    mesh = _mesh(mode)
     basis = _orthonormal_basis(rng, zero_leaf=None)
     # g = (part orthogonal to the basis) + 2 u1 - 1.5 u2: u1 agrees, u2 conflicts.
     r = _randn(rng)
     ortho = jax.tree.map(np.asarray, _np_project(r, basis))
     g = jax.tree.map(lambda o, u1, u2: (o + 2 * u1 - 1.5 * u2).astype(np.float32), ortho, *basis)
-    out = _project_jit(g, basis, strength=strength, conflict_only=conflict_only)
+    with _ctx(mesh):
+        out = _project_jit(
+            _put(g, mesh), _put(basis, mesh), strength=strength, conflict_only=conflict_only
+        )
     chex.assert_trees_all_close(
         out, _np_project(g, basis, strength, conflict_only), rtol=1e-5, atol=1e-5
     )
@@ -162,7 +169,7 @@ def test_soft_and_conflict_only(strength, conflict_only):
         np.testing.assert_allclose(c2, -1.5 * (1 - strength), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["jit", "explicit"])
+@pytest.mark.parametrize("mode", MODES)
 def test_bf16_in_bf16_out(mode):
     rng = np.random.default_rng(2)
     mesh = _mesh(mode)
@@ -265,7 +272,7 @@ def test_inject_hyperparams_strength():
     chex.assert_trees_all_close(og.get_basis(st2), basis, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["jit", "explicit"])
+@pytest.mark.parametrize("mode", MODES)
 def test_mask_passes_through_without_basis_memory(mode):
     rng = np.random.default_rng(6)
     mesh = _mesh(mode)
@@ -311,6 +318,12 @@ def test_set_basis_through_chain_inject_and_masked():
     assert isinstance(inner, og.OGPSAState) and isinstance(inner.basis[0]["b"], optax.MaskedNode)
     chex.assert_trees_all_equal(inner.basis[0]["w"], basis[0]["w"])
     assert type(new_state[0]) is type(state[0])
+    # updating through the chain: the masked ogpsa leaves "b" alone, the rest is projected twice
+    # (idempotent), and basis= reaches both OGPSA states
+    upd, st = jax.jit(lambda g, s: tx.update(g, s, g, basis=basis))(g, state)
+    chex.assert_trees_all_equal_structs(st, state)
+    chex.assert_trees_all_close(og.get_basis(st), basis, rtol=0, atol=0)
+    chex.assert_trees_all_close(st[1].inner_state.basis[1]["w"], basis[1]["w"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="no OGPSA state"):
         og.set_basis(optax.adam(1e-3).init(g), basis)
 
