@@ -426,3 +426,19 @@ def test_bad_input_raises_value_error():
         og.project(g, basis[0])
     with pytest.raises(ValueError, match="more than k=2"):
         og.ogpsa(K).update(g, state, basis=basis * 2)
+
+
+def test_ogpsa_adamw_schedule_without_clipping():
+    rng = np.random.default_rng(11)
+    params, g, basis = _randn(rng), _randn(rng), _orthonormal_basis(rng)
+    schedule = optax.cosine_decay_schedule(1e-2, 10)
+    tx = og.ogpsa_adamw(schedule, K, max_grad_norm=None)
+    state = tx.init(params)
+    assert len(state) == 2  # projection + adamw, no clipping stage
+    ref = optax.adamw(schedule, weight_decay=0.0)  # ogpsa_adamw's default (the paper's)
+    ref_state = ref.init(params)
+    for _ in range(2):  # the schedule advances with the adamw count
+        upd, state = jax.jit(tx.update)(g, state, params, basis=basis)
+        want, ref_state = ref.update(og.project(g, basis), ref_state, params)
+        # float32 op ordering only: 1e-6
+        chex.assert_trees_all_close(upd, want, rtol=1e-6, atol=1e-6)
