@@ -5,7 +5,9 @@ sequence is RIGHT-padded (so positions and the causal prefix of real tokens neve
 rows are sorted by length into batches of a fixed size padded to length buckets (few compiled
 shapes), and one jitted function returns per row the summed log-probability of the continuation
 tokens, their count, whether every one of them is the greedy (argmax) token, and optionally the
-summed KL(reference || model) over those positions.
+summed KL(reference || model) over those positions. Only the logits rows that predict
+continuation tokens are gathered before the float32 log-softmax, so a [B, L, V] log-softmax is
+never materialised.
 
 Generation (``generate_token_ids`` / ``generate_responses``): prompts are rendered with the chat
 template (``ogpsa_jax.data.chat.prompt_ids``), LEFT-padded in length-sorted batches of a fixed
@@ -35,27 +37,35 @@ def _bucket(n: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "ref_graphdef"))
-def _score_batch(graphdef, state, ids_BxL, mask_BxL, target_BxL, ref_graphdef=None, ref_state=None):
-    """Per-row sums over target positions: log p, count, all-greedy, KL(ref || model)."""
-    model = nnx.merge(graphdef, state)
-    logits_BxLxV = model(ids_BxL, attention_mask=mask_BxL).astype(jnp.float32)
-    logp_BxMxV = jax.nn.log_softmax(logits_BxLxV[:, :-1], axis=-1)
-    next_BxM = ids_BxL[:, 1:]
-    tgt_BxM = target_BxL[:, 1:].astype(jnp.float32)
-    tok_logp_BxM = jnp.take_along_axis(logp_BxMxV, next_BxM[..., None], axis=-1)[..., 0]
-    greedy_BxM = (jnp.argmax(logp_BxMxV, axis=-1) == next_BxM).astype(jnp.float32)
+def _score_batch(
+    graphdef, state, ids_BxL, mask_BxL, pos_BxC, valid_BxC, ref_graphdef=None, ref_state=None
+):
+    """Per-row sums over the continuation: log p, count, all-greedy, KL(ref || model).
+
+    ``pos_BxC[b, c]`` is the position whose logits predict continuation token c (the token at
+    ``pos + 1``); only those C rows of the logits go through the softmax (C << L for answers).
+    """
+    tok_BxC = jnp.take_along_axis(ids_BxL, pos_BxC + 1, axis=1)
+    valid_BxC = valid_BxC.astype(jnp.float32)
+
+    def _logp(graphdef, state):
+        logits_BxLxV = nnx.merge(graphdef, state)(ids_BxL, attention_mask=mask_BxL)
+        logits_BxCxV = jnp.take_along_axis(logits_BxLxV, pos_BxC[..., None], axis=1)
+        return jax.nn.log_softmax(logits_BxCxV.astype(jnp.float32), axis=-1)
+
+    logp_BxCxV = _logp(graphdef, state)
+    tok_logp_BxC = jnp.take_along_axis(logp_BxCxV, tok_BxC[..., None], axis=-1)[..., 0]
+    greedy_BxC = (jnp.argmax(logp_BxCxV, axis=-1) == tok_BxC).astype(jnp.float32)
     out = {
-        "logprob": jnp.sum(tok_logp_BxM * tgt_BxM, axis=-1),
-        "count": jnp.sum(tgt_BxM, axis=-1),
+        "logprob": jnp.sum(tok_logp_BxC * valid_BxC, axis=-1),
+        "count": jnp.sum(valid_BxC, axis=-1),
         # min over targets of "is greedy"; rows without targets report 1 (vacuously greedy)
-        "greedy": jnp.min(jnp.where(tgt_BxM > 0, greedy_BxM, 1.0), axis=-1),
+        "greedy": jnp.min(jnp.where(valid_BxC > 0, greedy_BxC, 1.0), axis=-1),
     }
     if ref_graphdef is not None:
-        ref = nnx.merge(ref_graphdef, ref_state)
-        ref_logits = ref(ids_BxL, attention_mask=mask_BxL).astype(jnp.float32)
-        ref_logp_BxMxV = jax.nn.log_softmax(ref_logits[:, :-1], axis=-1)
-        kl_BxM = jnp.sum(jnp.exp(ref_logp_BxMxV) * (ref_logp_BxMxV - logp_BxMxV), axis=-1)
-        out["kl"] = jnp.sum(kl_BxM * tgt_BxM, axis=-1)
+        ref_logp_BxCxV = _logp(ref_graphdef, ref_state)
+        kl_BxC = jnp.sum(jnp.exp(ref_logp_BxCxV) * (ref_logp_BxCxV - logp_BxCxV), axis=-1)
+        out["kl"] = jnp.sum(kl_BxC * valid_BxC, axis=-1)
     return out
 
 
@@ -129,20 +139,24 @@ def score_continuations(
     ref_graphdef, ref_state = nnx.split(ref_model) if ref_model is not None else (None, None)
     order = sorted(range(n), key=lambda j: -len(seqs[j]))
     batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    # One continuation width for the whole call (few compiled shapes).
+    cont_width = _bucket(max(len(seqs[j]) - starts[j] for j in range(n)), 8)
     desc = progress if isinstance(progress, str) else "scoring"
     for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
         width = _bucket(max(len(seqs[j]) for j in rows), length_bucket)
         ids = np.full((batch_size, width), pad_id, dtype=np.int32)
         mask = np.zeros((batch_size, width), dtype=np.int32)
-        target = np.zeros((batch_size, width), dtype=np.int32)
+        pos = np.zeros((batch_size, cont_width), dtype=np.int32)
+        valid = np.zeros((batch_size, cont_width), dtype=np.int32)
         for b in range(batch_size):
             j = rows[b] if b < len(rows) else rows[0]  # pad the batch with copies of a real row
-            s = seqs[j]
+            s, c = seqs[j], len(seqs[j]) - starts[j]
             ids[b, : len(s)] = s
             mask[b, : len(s)] = 1
-            target[b, starts[j] : len(s)] = 1
+            pos[b, :c] = np.arange(starts[j] - 1, len(s) - 1)
+            valid[b, :c] = 1
         res = _score_batch(
-            graphdef, state, ids, mask, target, ref_graphdef=ref_graphdef, ref_state=ref_state
+            graphdef, state, ids, mask, pos, valid, ref_graphdef=ref_graphdef, ref_state=ref_state
         )
         res = jax.device_get(res)
         for k in keys:
@@ -151,8 +165,20 @@ def score_continuations(
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """End-of-generation ids: the model config's eos ids, the tokenizer's eos id, and the
-    end-of-turn tokens (``<|im_end|>``, ``<|eot_id|>``, ...) that the tokenizer knows."""
+    """End-of-generation ids for a model and tokenizer.
+
+    Args:
+      model: a decoder (its ``config.eos_token_id``, int or tuple, is used when present).
+      tokenizer: a Hugging Face tokenizer.
+
+    Returns:
+      Sorted ids: the config's eos ids, the tokenizer's eos id, and the end-of-turn tokens
+      (``<|im_end|>``, ``<|eot_id|>``, ``<|end_of_text|>``, ``<|endoftext|>``) in its vocabulary.
+
+    Example:
+      >>> eos_token_ids(model, tok)  # doctest: +SKIP
+      [0, 2]
+    """
     ids: list[int] = []
     cfg_eos = getattr(getattr(model, "config", None), "eos_token_id", None)
     if cfg_eos is not None:
@@ -174,7 +200,22 @@ def encode_prompts(
     system_prompt: str | None = None,
     chat: bool = True,
 ) -> list[list[int]]:
-    """Token ids of each prompt: chat-rendered with the generation prompt, or plain text."""
+    """Token ids of each prompt.
+
+    Args:
+      tokenizer: a Hugging Face tokenizer (with a chat template when ``chat``).
+      prompts: user prompts.
+      system_prompt: optional system message (needs ``chat``).
+      chat: render one user turn plus the assistant header (``data.chat.prompt_ids``); else
+        the plain text with the tokenizer's special tokens (e.g. BOS).
+
+    Returns:
+      One list of ids per prompt.
+
+    Example:
+      >>> encode_prompts(tok, ["Hi"])[0][-2:] == tok.encode("assistant\n")  # doctest: +SKIP
+      True
+    """
     from ogpsa_jax.data.chat import prompt_ids
 
     for i, p in enumerate(prompts):
