@@ -90,7 +90,7 @@ def test_token_nll_and_sequence_logps_match_numpy():
     b, n_len, v = 3, 11, 13
     logits = rng.normal(size=(b, n_len, v)).astype(np.float32)
     ids = rng.integers(0, v, size=(b, n_len)).astype(np.int32)
-    mask = (rng.random((b, l)) < 0.6).astype(np.int32)
+    mask = (rng.random((b, n_len)) < 0.6).astype(np.int32)
     mask[2] = 0  # a row with no targets
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
     lp = np.take_along_axis(logits[:, :-1], ids[:, 1:, None], -1)[..., 0] - lse[:, :-1]
