@@ -36,3 +36,12 @@ from ogpsa_jax.eval import (  # noqa: E402, F401
     refusal_judge,
     refusal_rate,
 )
+from ogpsa_jax.models import (  # noqa: E402, F401
+    Decoder,
+    DecoderConfig,
+    generate,
+    init_random,
+    load_hf,
+    save_hf,
+    sequence_logprobs,
+)
