@@ -133,6 +133,7 @@ def test_prompt_set_counts_and_fields():
         "bbq": 300,
         "gsm8k": 100,
         "benign_reference": 150,
+        "benign_heldout": 54,
     }
     for name, n in expected.items():
         assert len(ev.load_prompt_set(name)) == n, name
@@ -450,3 +451,30 @@ def test_lm_eval_adapter_generate_until(tok, refuser):
         ]
     )
     assert out == ["I cannot ", REFUSAL, "I can"]
+
+
+# ----------------------------------------------------------------------------- suite
+def test_evaluate_alignment_schema_and_known_values(tok, refuser, complier):
+    cfg = ev.EvalConfig(
+        harmful_limit=2,
+        overrefusal_limit=3,
+        bbq_limit=2,
+        gsm8k_limit=2,
+        drift_limit=3,
+        max_new_tokens=12,
+        generate_batch_size=4,
+        score_batch_size=4,
+    )
+    ref = ev.drift_reference(refuser, tok, cfg, progress=False)
+    assert len(ref["prompts"]) == 3 and json.loads(json.dumps(ref)) == ref  # cacheable
+    res = ev.evaluate_alignment(refuser, tok, cfg, reference=ref, start_model=refuser)
+    assert res["safety"] == 1.0 and res["over_refusal"] == 1.0  # it refuses everything
+    assert res["n"] == {"safety": 4, "over_refusal": 3, "bbq": 2, "gsm8k": 2, "drift": 3}
+    assert res["capability"] == pytest.approx((res["gsm8k"] + res["bbq"]) / 2)
+    assert res["drift"] < 1e-4 and abs(res["drift_kl"]) < 1e-5  # its own greedy answers
+    assert res["judge"] == "keyword-v1" and res["gsm8k_mode"] == "mc"
+    other = ev.evaluate_alignment(complier, tok, cfg, reference=ref, progress=False)
+    assert other["safety"] == 0.0 and other["over_refusal"] == 0.0
+    assert other["drift"] > 5.0 and other["drift_kl"] is None  # refusal tokens are unlikely
+    with pytest.raises(ValueError, match="gsm8k_mode"):
+        ev.EvalConfig(gsm8k_mode="cot")

