@@ -2,6 +2,7 @@
 
     ogpsa train {sft,dpo,sft-dpo} --preset NAME --output-dir DIR [--max-steps N]
                 [--set field=value ...] [--overwrite] [--distributed]
+    ogpsa experiment demo [...]   (forwarded to ogpsa_jax.experiment.demo.main)
 
 Exit status: 0 done; 2 bad arguments, config, data or output folder (nothing was computed and
 the output folder is untouched); 3 stopped on non-finite values; 75 (`EXIT_PREEMPTED`)
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         "multi-task SLURM job, or a multi-host TPU slice)",
     )
     tr.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    ex = sub.add_parser("experiment", help="experiments: `ogpsa experiment demo --help`")
+    ex.add_argument("name", choices=("demo",))
     return parser
 
 
@@ -101,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 for bad input, 3 on non-finite values, 75 when preempted.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["experiment", "demo"]:  # the alignment-tax demo has its own parser
+        from ogpsa_jax.experiment.demo import main as demo_main
+
+        return demo_main(argv[2:])
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(

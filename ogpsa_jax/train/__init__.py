@@ -15,8 +15,8 @@ from ogpsa_jax.train.config import (
     preset,
     validate,
 )
-from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, sequence_logps, token_nll
 from ogpsa_jax.train.loop import EXIT_PREEMPTED, NonFiniteError, TrainResult, train
+from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, sequence_logps, token_nll
 from ogpsa_jax.train.step import make_optimizer, make_train_step
 
 __all__ = [

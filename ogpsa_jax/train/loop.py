@@ -51,6 +51,7 @@ from ogpsa_jax.train.step import (
     make_ref_grad_fn,
     make_schedule,
     make_train_step,
+    param_mask,
     path_str,
     sft_micro_loss,
 )
@@ -206,8 +207,11 @@ def _prepare_output_dir(output_dir: str, record: dict, overwrite: bool) -> None:
                 f"({', '.join(diff[:6])}); pass --overwrite to replace it"
             )
         logger.warning("--overwrite: deleting %s", output_dir)
-        shutil.rmtree(output_dir)
+        if jax.process_index() == 0:
+            shutil.rmtree(output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    if jax.process_index() != 0:
+        return
     with open(cfg_path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
     os.replace(cfg_path + ".tmp", cfg_path)
@@ -231,6 +235,18 @@ def _rows_sharding(mesh: jax.sharding.Mesh, rows: int, ndim: int, axis: int) -> 
     if rows % n == 0:
         spec[axis] = _ROWS
     return NamedSharding(mesh, P(*spec))
+
+
+def _place(batch: dict, shardings: Any) -> dict:
+    """Host batch -> global arrays. Every process holds the same global batch (the iterator is
+    deterministic), and each keeps only its addressable shards, so this is multi-host safe."""
+
+    def one(x: np.ndarray, sh: NamedSharding) -> jax.Array:
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    if isinstance(shardings, NamedSharding):
+        return {k: one(v, shardings) for k, v in batch.items()}
+    return {k: one(v, shardings[k]) for k, v in batch.items()}
 
 
 def _opt_shardings(abstract_opt: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -403,10 +419,15 @@ def _run_stage(
             ref_params = jax.tree.map(jnp.copy, params)
         else:
             keys.append("ref_logps")
-            logps_jit = jax.jit(make_logps_fn(apply_fn, st), in_shardings=(param_sh, None))
+            rows_sh = _rows_sharding(mesh, rows, 2, 0)
+            logps_jit = jax.jit(make_logps_fn(apply_fn, st), in_shardings=(param_sh, rows_sh))
             t0 = time.time()
             table = _precompute_ref_logps(
-                logps_jit, params, inputs.encoded[kind], st, inputs.pad_id
+                lambda p, b: logps_jit(p, _place(b, rows_sh)),
+                params,
+                inputs.encoded[kind],
+                st,
+                inputs.pad_id,
             )
             logger.info("reference log-probs of %d rows in %.1fs", len(table), time.time() - t0)
     batch_shs = {
@@ -438,7 +459,7 @@ def _run_stage(
         step, skips, consecutive = meta["step"], meta["skips"], meta["consecutive_skips"]
         rng = np.asarray(meta["rng"], np.uint32)
         logger.info("%s: resumed from checkpoint step %d", kind, step)
-    log = MetricsLog(stage_dir, resume_step=step)
+    log = MetricsLog(stage_dir, resume_step=step, enabled=jax.process_index() == 0)
 
     def save() -> None:
         meta = {
@@ -470,7 +491,8 @@ def _run_stage(
             poison = np.float32(np.nan if (step + 1) in inject_nonfinite_at else 0.0)
             lr = float(schedule(step - skips))
             t0 = time.perf_counter()
-            params, opt_state, m = step_jit(params, opt_state, batch, poison, ref_params)
+            device_batch = _place(batch, batch_shs)
+            params, opt_state, m = step_jit(params, opt_state, device_batch, poison, ref_params)
             m = {k: v.item() for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
@@ -511,12 +533,17 @@ def _run_stage(
 
     from ogpsa_jax.models import save_hf
 
-    if os.path.isdir(final_dir):
-        shutil.rmtree(final_dir)
-    save_hf(nnx.merge(graphdef, params, rest), final_dir)
-    inputs.tokenizer.save_pretrained(final_dir)
-    with open(done_path, "w") as f:
-        json.dump({"step": step, "skips": skips}, f)
+    if jax.process_count() > 1:  # every process joins the gather; process 0 writes
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        if os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)
+        save_hf(nnx.merge(graphdef, params, rest), final_dir)
+        inputs.tokenizer.save_pretrained(final_dir)
+        with open(done_path, "w") as f:
+            json.dump({"step": step, "skips": skips}, f)
     logger.info("%s: done after %d steps; model exported to %s", kind, step, final_dir)
     return TrainResult(output_dir=stage_dir, step=step, preempted=False, final_dir=final_dir)
 
@@ -527,8 +554,8 @@ def _make_refresh(apply_fn: Callable, og: Any, groups: list, param_sh: Any, mesh
     from ogpsa_jax.transform import set_basis
 
     replicated = NamedSharding(mesh, P())
-    first = groups[0][0]
-    rows_sh = _rows_sharding(mesh, first["input_ids"].shape[0], 2, 0)
+    rows_sh = _rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
+    groups = [[_place(b, rows_sh) for b in group] for group in groups]
     grad_jit = jax.jit(
         make_ref_grad_fn(apply_fn),
         in_shardings=(param_sh, rows_sh),
@@ -536,17 +563,24 @@ def _make_refresh(apply_fn: Callable, og: Any, groups: list, param_sh: Any, mesh
     )
     add_jit = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
     scale_jit = jax.jit(lambda a, s: jax.tree.map(lambda x: x * s, a), donate_argnums=0)
-    if og.method not in FLAT_METHODS:
+    if og.method not in (*FLAT_METHODS, "gradient"):
         raise ValueError(
-            f"ogpsa.method {og.method!r}: matrix bases are not wired into training yet "
-            f"(use gram_schmidt or svd)"
+            f"ogpsa.method {og.method!r} is not wired into training (activation bases need the "
+            f"model's layer inputs); use gram_schmidt, svd or gradient"
         )
     energy = og.energy or None
-    per_batch = og.method == "svd"
+    per_batch = og.method in ("svd", "gradient")
 
     @partial(jax.jit, out_shardings=None)
     def basis_jit(grads: list) -> Any:
-        basis = capability_basis(grads, k=og.k, method=og.method, energy=energy)
+        if og.method == "gradient":
+            from ogpsa_jax.matrix_basis import matrix_basis_from_gradients
+
+            basis = matrix_basis_from_gradients(
+                grads, rank=og.k, energy=energy, mask=param_mask(og.mask)
+            )
+        else:
+            basis = capability_basis(grads, k=og.k, method=og.method, energy=energy)
         ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(basis)]))
         return basis, ok
 

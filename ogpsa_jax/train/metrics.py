@@ -37,15 +37,24 @@ class MetricsLog:
     crash) are dropped first, so the file of a resumed run equals an uninterrupted run's.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, resume_step: int, tensorboard: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        resume_step: int,
+        tensorboard: bool = True,
+        enabled: bool = True,
+    ):
         self.path = os.path.join(os.fspath(directory), "metrics.jsonl")
+        self._file, self._tb = None, None
+        if not enabled:  # non-zero processes of a multi-host job log nothing
+            return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
         with open(self.path + ".tmp", "w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
         os.replace(self.path + ".tmp", self.path)
         self._file = open(self.path, "a")  # noqa: SIM115 -- closed in close()
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -55,6 +64,8 @@ class MetricsLog:
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Writes one record (flushed, so a crash loses nothing already written)."""
+        if self._file is None:
+            return
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -65,6 +76,7 @@ class MetricsLog:
 
     def close(self) -> None:
         """Flushes and closes both sinks."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
