@@ -128,27 +128,27 @@ def _replace_basis(old: Basis, basis: Sequence[optax.Params]) -> Basis:
     if len(basis) > k:
         raise ValueError(f"basis has {len(basis)} directions, more than k={k}")
     ref_def = jax.tree.structure(old[0], is_leaf=_is_masked)
-    new_trees = []
-    for i, tree in enumerate(basis):
+    old_leaves = ref_def.flatten_up_to(old[0])
+    for i, tree in enumerate(basis):  # validate everything before touching any array
         tree_def = jax.tree.structure(tree, is_leaf=_is_masked)
         if tree_def != ref_def:
             raise ValueError(
                 f"basis tree {i} does not match the parameter structure: got {tree_def}, "
                 f"expected {ref_def}"
             )
-
-        def one(o, n, i=i):
+        for o, n in zip(old_leaves, ref_def.flatten_up_to(tree), strict=True):
             if _is_masked(o):
-                return o
+                continue
             if _is_masked(n):
                 raise ValueError(f"basis tree {i} masks a leaf that this transform projects")
             if jnp.shape(n) != o.shape:
                 raise ValueError(
                     f"basis tree {i} has a leaf of shape {jnp.shape(n)}, expected {o.shape}"
                 )
-            return _keep_sharding(jnp.asarray(n, dtype=o.dtype), o)
-
-        new_trees.append(jax.tree.map(one, old[i], tree, is_leaf=_is_masked))
+    convert = lambda o, n: o if _is_masked(o) else _keep_sharding(jnp.asarray(n, o.dtype), o)
+    new_trees = [
+        jax.tree.map(convert, old[i], tree, is_leaf=_is_masked) for i, tree in enumerate(basis)
+    ]
     for i in range(len(basis), k):
         new_trees.append(
             jax.tree.map(
