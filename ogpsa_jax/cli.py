@@ -104,17 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 for bad input, 3 on non-finite values, 75 when preempted.
     """
+    as_program = argv is None  # the console script: this process's logging is ours to set up
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["experiment", "demo"]:  # the alignment-tax demo has its own parser
         from ogpsa_jax.experiment.demo import main as demo_main
 
         return demo_main(argv[2:])
     args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
+    if as_program:
         logging.basicConfig(
             level=getattr(logging, str(args.log_level).upper(), logging.INFO),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            force=True,  # absl installs a root handler on import
         )
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
     try:
         if args.group == "train":
             return _train(args)
