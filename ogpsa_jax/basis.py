@@ -132,6 +132,8 @@ def capability_basis(
     if energy is not None:
         if method != "svd":
             raise ValueError("energy is only used with method='svd'")
+        if isinstance(energy, jax.core.Tracer):
+            raise ValueError("energy must be a static Python float (mark it static under jit)")
         if not 0.0 < float(energy) <= 1.0:
             raise ValueError(f"energy must lie in (0, 1], got {energy!r}")
     leaves0, tree_def = jax.tree.flatten(ref_grads[0])
