@@ -160,6 +160,20 @@ def test_dpo_loss_falls_and_nonfinite_step_is_skipped(tmp_path):
     assert all(np.all(np.isfinite(v)) for v in params.values())
 
 
+def test_sft_then_dpo_starts_from_and_references_the_sft_model(sharded_run, tmp_path):
+    out, _ = sharded_run
+    run = tmp_path / "sft_dpo"
+    res = train("sft-dpo", tiny_cfg("mesh=2,4,1"), run)  # programs cached by the tests above
+    assert res.step == 4 and res.final_dir == str(run / "final")
+    # The SFT stage is the plain SFT run (same config), kept under DIR/sft.
+    chex.assert_trees_all_equal(final_params(out), final_params(run / "sft"))
+    recs = read_metrics(run / "metrics.jsonl")
+    # DPO starts at the SFT weights with the SFT model as reference: h = 0, loss = log 2.
+    assert recs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert recs[0]["margins"] == pytest.approx(0.0, abs=1e-4)
+    assert (run / "final" / "model.safetensors").is_file()
+
+
 def _tiny_model_and_batch(seed=0):
     model = init_random(tiny_config(vocab_size=101), seed=seed, dtype=jnp.float32)
     rng = np.random.default_rng(seed)
