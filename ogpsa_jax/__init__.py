@@ -45,3 +45,4 @@ from ogpsa_jax.models import (  # noqa: E402, F401
     save_hf,
     sequence_logprobs,
 )
+from ogpsa_jax.train import TrainConfig, dpo_loss  # noqa: E402, F401
