@@ -32,24 +32,6 @@ from ogpsa_jax.transform import get_basis, set_basis
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Every run here compiles the same programs: share them through a persistent cache."""
-    from jax._src import compilation_cache
-
-    old = (
-        jax.config.jax_compilation_cache_dir,
-        jax.config.jax_persistent_cache_min_compile_time_secs,
-    )
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    compilation_cache.reset_cache()
-
-
 def tiny_cfg(*extra):
     return apply_overrides(
         preset("tiny"),
@@ -79,24 +61,36 @@ def metric_records(run_dir):
     ]
 
 
+NAN_AT = (2,)  # fault drill in every run here: step 2 of each stage gets a NaN gradient
+
+
 @pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
-    result = train("sft", tiny_cfg("mesh=2,4,1"), out)
+def sft_dpo_run(tmp_path_factory):
+    """One sft-dpo run on a 2x4 mesh: SFT stage in DIR/sft, DPO stage in DIR."""
+    out = tmp_path_factory.mktemp("sft_dpo")
+    result = train("sft-dpo", tiny_cfg("mesh=2,4,1"), out, inject_nonfinite_at=NAN_AT)
     return out, result
 
 
+@pytest.fixture(scope="module")
+def sharded_run(sft_dpo_run):
+    out, _ = sft_dpo_run
+    return out / "sft", None
+
+
 def test_sft_loss_falls_and_final_loads(sharded_run):
-    out, result = sharded_run
-    assert result.step == 4 and not result.preempted
+    out, _ = sharded_run
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["skipped"] for r in recs] == [0, 1, 0, 0]  # the injected NaN step
+    assert recs[1]["loss"] == "nan" and recs[3]["skips"] == 1
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.05, [r["loss"] for r in recs]
     # The basis was refreshed before steps 1 and 4 and the reference loss logged there.
     assert "ref_loss" in recs[0] and "ref_loss" in recs[3] and "ref_loss" not in recs[1]
     # Projection invariant on the raw gradient: <Pg, u_i> ~ 0 (float32 sums over ~1e4 terms).
-    assert all(r["residual_max"] < 1e-5 * max(r["grad_norm"], 1.0) for r in recs)
-    assert all(0.0 <= r["frac_removed"] <= 1.0 for r in recs)
+    ok = [r for r in recs if not r["skipped"]]
+    assert all(r["residual_max"] < 1e-5 * max(r["grad_norm"], 1.0) for r in ok)
+    assert all(0.0 <= r["frac_removed"] <= 1.0 for r in ok)
     model = load_hf(out / "final", dtype=jnp.float32)
     saved = final_params(out)
     chex.assert_trees_all_close(
@@ -109,14 +103,14 @@ def test_sft_loss_falls_and_final_loads(sharded_run):
 def test_one_device_equals_sharded(sharded_run, tmp_path):
     out, _ = sharded_run
     single = tmp_path / "single"
-    train("sft", tiny_cfg("num_devices=1", "mesh=1,1,1"), single)
+    train("sft", tiny_cfg("num_devices=1", "mesh=1,1,1"), single, inject_nonfinite_at=NAN_AT)
     a, b = final_params(out), final_params(single)
     assert a.keys() == b.keys()
     # Different reduction orders across 8 shards vs 1: float32 round-off, amplified a little by
     # Adam's normalisation over 4 steps of lr 3e-3.
     chex.assert_trees_all_close(a, b, rtol=1e-4, atol=2e-5)
-    la = [r["loss"] for r in metric_records(out)]
-    lb = [r["loss"] for r in metric_records(single)]
+    la = [r["loss"] for r in metric_records(out) if not r["skipped"]]
+    lb = [r["loss"] for r in metric_records(single) if not r["skipped"]]
     np.testing.assert_allclose(la, lb, rtol=1e-5)
 
 
@@ -129,11 +123,11 @@ def test_preempted_resume_equals_uninterrupted_bitwise(sharded_run, tmp_path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    first = train("sft", cfg, run, step_callback=sigterm_at_2)
+    first = train("sft", cfg, run, step_callback=sigterm_at_2, inject_nonfinite_at=NAN_AT)
     assert first.preempted and first.step == 2 and EXIT_PREEMPTED == 75
     assert sorted(os.listdir(run / "checkpoints")) == ["2"]
     assert not (run / "final").exists()
-    second = train("sft", cfg, run)
+    second = train("sft", cfg, run, inject_nonfinite_at=NAN_AT)
     assert second.step == 4 and not second.preempted
     # Same seed, same device count: bitwise identical params, opt state (basis included) and
     # metrics, although the second half ran in a new process state from a checkpoint.
@@ -142,15 +136,13 @@ def test_preempted_resume_equals_uninterrupted_bitwise(sharded_run, tmp_path):
     assert metric_records(out) == metric_records(run)
 
 
-def test_dpo_loss_falls_and_nonfinite_step_is_skipped(tmp_path):
-    out = tmp_path / "dpo"
-    res = train("dpo", tiny_cfg("mesh=2,4,1"), out, inject_nonfinite_at=(2,))
+def test_dpo_loss_falls_and_nonfinite_step_is_skipped(sft_dpo_run):
+    out, res = sft_dpo_run
     assert res.step == 4
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["skipped"] for r in recs] == [0, 1, 0, 0]
     assert [r["skips"] for r in recs] == [0, 1, 1, 1]
     assert recs[1]["loss"] == "nan"
-    assert recs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.05
     assert recs[-1]["accuracy"] > 0.5 and recs[-1]["margins"] > 0
     for r in recs:
@@ -160,13 +152,9 @@ def test_dpo_loss_falls_and_nonfinite_step_is_skipped(tmp_path):
     assert all(np.all(np.isfinite(v)) for v in params.values())
 
 
-def test_sft_then_dpo_starts_from_and_references_the_sft_model(sharded_run, tmp_path):
-    out, _ = sharded_run
-    run = tmp_path / "sft_dpo"
-    res = train("sft-dpo", tiny_cfg("mesh=2,4,1"), run)  # programs cached by the tests above
-    assert res.step == 4 and res.final_dir == str(run / "final")
-    # The SFT stage is the plain SFT run (same config), kept under DIR/sft.
-    chex.assert_trees_all_equal(final_params(out), final_params(run / "sft"))
+def test_sft_then_dpo_starts_from_and_references_the_sft_model(sft_dpo_run):
+    run, res = sft_dpo_run
+    assert res.final_dir == str(run / "final") and (run / "sft" / "final").is_dir()
     recs = read_metrics(run / "metrics.jsonl")
     # DPO starts at the SFT weights with the SFT model as reference: h = 0, loss = log 2.
     assert recs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
@@ -242,7 +230,7 @@ def test_nonfinite_stop_names_step_and_path(tmp_path):
     with pytest.raises(NonFiniteError, match=r"sft step 1: non-finite gradient at parameter"):
         train(
             "sft",
-            tiny_cfg("mesh=2,4,1", "on_nonfinite=stop"),  # compiled programs shared with above
+            tiny_cfg("on_nonfinite=stop", "sft.max_steps=1", "sft.ogpsa.enabled=false"),
             tmp_path / "stop",
             inject_nonfinite_at=(1,),
         )
