@@ -278,12 +278,17 @@ def _block(
     dtype: Any,
     cache: tuple[jax.Array, jax.Array] | None,
     write_index: jax.Array | int,
+    taps: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One decoder block. With a cache (k, v each [B, Hkv, T, E]) the new keys are written
-    at `write_index` and attention runs over the whole cache."""
+    at `write_index` and attention runs over the whole cache. A `taps` dict (capture path
+    only, `ogpsa_jax.models.capture`) receives the [B*L, d_in] inputs of the linear layers
+    under the keys attn_in, o_in, mlp_in, down_in; the normal forward passes None."""
     b, n, d = h_BxLxD.shape
     hq, hk, e = config.num_heads, config.num_kv_heads, config.head_dim
     x_NxD = _rms_norm(h_BxLxD, p["attn_norm"], config.rms_norm_eps, dtype).reshape(b * n, d)
+    if taps is not None:
+        taps["attn_in"] = x_NxD
     q, k, v = (_linear(x_NxD, p[f"{s}_proj"], dtype) for s in "qkv")
     if config.attention_bias:
         q, k, v = (t + p[f"{s}_bias"].astype(dtype) for t, s in zip((q, k, v), "qkv", strict=True))
@@ -309,10 +314,15 @@ def _block(
         "bkglt,bkte->bkgle", probs, v_BxKxLxE.astype(dtype), preferred_element_type=jnp.float32
     ).astype(dtype)
     o_NxQ = o_BxKxGxLxE.reshape(b, hq, n, e).transpose(0, 2, 1, 3).reshape(b * n, hq * e)
+    if taps is not None:
+        taps["o_in"] = o_NxQ
     h_BxLxD = h_BxLxD + _linear(o_NxQ, p["o_proj"], dtype).reshape(b, n, d)
     x_NxD = _rms_norm(h_BxLxD, p["mlp_norm"], config.rms_norm_eps, dtype).reshape(b * n, d)
     gate, up = _linear(x_NxD, p["gate_proj"], dtype), _linear(x_NxD, p["up_proj"], dtype)
-    mlp_NxD = _linear(jax.nn.silu(gate) * up, p["down_proj"], dtype)
+    act_NxF = jax.nn.silu(gate) * up
+    if taps is not None:
+        taps.update(mlp_in=x_NxD, down_in=act_NxF)
+    mlp_NxD = _linear(act_NxF, p["down_proj"], dtype)
     return h_BxLxD + mlp_NxD.reshape(b, n, d), cache
 
 
