@@ -81,7 +81,7 @@ def results_markdown(runs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any])
     lines = [
         f"# Alignment tax: {meta.get('model', '?')}",
         "",
-        f"Judge: {meta.get('judge', '?')}. Eval sets: {sizes}.",
+        f"Judge: {meta.get('judge', '?')}. Set sizes: {sizes}.",
         "",
         "| run | method | pipeline | safety | over-refusal | capability | GSM8K-MC | BBQ "
         "| drift (NLL) | steps | seconds |",
