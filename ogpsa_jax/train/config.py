@@ -57,7 +57,8 @@ class OGPSAConfig:
     method: str = "gram_schmidt"
     # Directions per tensor (flat) or rank per matrix (matrix methods).
     k: int = 2
-    # svd only: smallest rank capturing this energy fraction (0 = always k).
+    # svd / gradient / activation: smallest rank capturing this energy fraction (0 = always k;
+    # for activation this is GPM's threshold on each layer's input energy, e.g. 0.97).
     energy: float = 0.0
     # Fraction of the subspace component removed, in [0, 1].
     strength: float = 1.0
@@ -73,6 +74,12 @@ class OGPSAConfig:
     reference_rows: int = 200
     # Rows per reference micro-batch.
     reference_batch_size: int = 8
+    # activation only: token rows (layer-input samples) drawn over the whole reference set,
+    # spread evenly over its batches; bounds the refresh's memory (rows x d_in per layer).
+    capture_rows: int = 512
+    # activation only: keep the previous basis and add the new input directions to it (GPM's
+    # accumulation) instead of replacing it; needs energy > 0 to leave room for new directions.
+    union: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -507,8 +514,12 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
         )
     if not 0.0 <= og.energy <= 1.0:
         raise ValueError(f"config field '{name}.ogpsa.energy' must be in [0, 1], got {og.energy}")
-    for f in ("refresh_every", "reference_rows", "reference_batch_size"):
+    for f in ("refresh_every", "reference_rows", "reference_batch_size", "capture_rows"):
         pos(f"ogpsa.{f}", getattr(og, f))
+    if og.union and og.method != "activation":
+        raise ValueError(
+            f"config field '{name}.ogpsa.union' needs method='activation', got {og.method!r}"
+        )
     if og.enabled and not og.reference:
         raise ValueError(f"config field '{name}.ogpsa.reference' is empty but OGPSA is enabled")
 

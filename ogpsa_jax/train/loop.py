@@ -442,7 +442,15 @@ def _run_stage(
     )
 
     refresh = None
-    if og.enabled:
+    if og.enabled and og.method == "activation":  # GPM: the layers' inputs, not gradients
+        from ogpsa_jax.train.activation import make_activation_refresh
+
+        groups = inputs.ref_groups[kind]
+        ref_sh = _rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
+        refresh = make_activation_refresh(
+            graphdef, rest, og, groups, place=lambda b: _place(b, ref_sh), seed=config.seed
+        )
+    elif og.enabled:
         refresh = _make_refresh(apply_fn, og, inputs.ref_groups[kind], param_sh, mesh)
 
     manager = ckpt.open_manager(

@@ -1,0 +1,151 @@
+"""Refresh of the GPM activation basis (``ogpsa.method = "activation"``) in training.
+
+At every refresh the decoder runs on the reference batches at the current weights with its
+capture path on (`ogpsa_jax.models.capture`), ``capture_rows`` token rows in total are kept
+(spread evenly over the batches; the same positions every refresh), and
+`matrix_basis_from_activations` turns each projected weight's input rows into ``V``
+(``ogpsa.k`` columns, or fewer by GPM's ``energy`` rule). With ``ogpsa.union`` the new
+directions are added to the previous basis instead of replacing it.
+
+Example:
+    >>> refresh = make_activation_refresh(graphdef, rest, og, groups, place=put)  # +SKIP
+    >>> opt_state, metrics = refresh(params, opt_state)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ogpsa_jax.matrix_basis import matrix_basis_from_activations
+from ogpsa_jax.models.capture import capture_inputs, inputs_like, stack_rows
+from ogpsa_jax.train.config import OGPSAConfig
+from ogpsa_jax.train.losses import token_nll
+from ogpsa_jax.train.step import param_mask
+
+logger = logging.getLogger(__name__)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def rows_per_batch(capture_rows: int, n_batches: int) -> int:
+    """Rows captured per reference batch: ``ceil(capture_rows / n_batches)``.
+
+    Args:
+        capture_rows: rows wanted over the whole reference set.
+        n_batches: reference batches.
+
+    Returns:
+        The per-batch count (>= 1).
+
+    Example:
+        >>> rows_per_batch(512, 25)
+        21
+    """
+    if capture_rows < 1 or n_batches < 1:
+        raise ValueError(
+            f"need capture_rows >= 1 and batches >= 1, got {capture_rows}, {n_batches}"
+        )
+    return -(-capture_rows // n_batches)
+
+
+def make_activation_refresh(
+    graphdef: Any,
+    rest: Any,
+    og: OGPSAConfig,
+    groups: Sequence[Sequence[dict]],
+    *,
+    place: Callable[[dict], dict] = lambda b: b,
+    seed: int = 0,
+) -> Callable[[Any, Any], tuple[Any, dict]]:
+    """``refresh(params, opt_state) -> (opt_state with a new activation basis, metrics)``.
+
+    Args:
+        graphdef: the decoder's graphdef (`nnx.split(model, nnx.Param, ...)`).
+        rest: the non-parameter state of that split.
+        og: the stage's OGPSA config (``k``, ``energy``, ``mask``, ``capture_rows``, ``union``).
+        groups: reference sets, each a list of host batches (``input_ids``,
+            ``attention_mask``, ``loss_mask``), all of one shape.
+        place: puts a host batch on the devices (e.g. with the rows sharding).
+        seed: seed of the row draw (fixed: the same token positions at every refresh).
+
+    Returns:
+        The refresh function. Its metrics: ``ref_loss`` (token-mean NLL of the reference
+        set), ``refresh_s``, ``basis_rank`` (mean non-zero columns per projected matrix),
+        ``basis_finite`` and ``nonfinite_at`` (None, or what was not finite).
+
+    Example:
+        >>> refresh = make_activation_refresh(g, r, og, groups, seed=0)  # doctest: +SKIP
+    """
+    if og.method != "activation":
+        raise ValueError(
+            f"make_activation_refresh needs ogpsa.method='activation', got {og.method}"
+        )
+    batches = [place(b) for group in groups for b in group]
+    if not batches:
+        raise ValueError("the activation basis needs at least one reference batch")
+    rows = rows_per_batch(og.capture_rows, len(batches))
+    mask = param_mask(og.mask)
+    energy = og.energy or None
+
+    @jax.jit
+    def capture_jit(params: Any, batch: dict, key: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params, rest)
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        cap = capture_inputs(
+            model.params(),
+            model.config,
+            ids,
+            attn,
+            dtype=model.dtype,
+            rows=rows,
+            key=key,
+            with_logits=True,
+        )
+        nll, count = token_nll(cap.logits, ids, batch["loss_mask"])
+        return inputs_like(params, cap.inputs, mask=mask), nll, count
+
+    base_key = jax.random.key(seed)
+
+    def refresh(params: Any, opt_state: Any) -> tuple[Any, dict]:
+        from ogpsa_jax.transform import get_basis, set_basis
+
+        t0 = time.perf_counter()
+        trees, nll, count = [], 0.0, 0.0
+        for i, batch in enumerate(batches):
+            acts, s, c = capture_jit(params, batch, jax.random.fold_in(base_key, i))
+            trees.append(acts)
+            nll, count = nll + float(s), count + float(c)
+        old = get_basis(opt_state) if og.union else None
+        basis = matrix_basis_from_activations(
+            stack_rows(trees), rank=og.k, energy=energy, union_with=old, seed=seed
+        )
+        vs = [v for v in jax.tree.leaves(basis, is_leaf=_is_masked) if not _is_masked(v)]
+        finite = all(bool(jnp.all(jnp.isfinite(v))) for v in vs)
+        ok = finite and math.isfinite(nll)
+        if ok:
+            opt_state = set_basis(opt_state, basis)
+        ranks = [jnp.sum(jnp.sum(jnp.square(v), axis=-2) > 0.5, axis=-1).reshape(-1) for v in vs]
+        metrics = {
+            "ref_loss": nll / max(count, 1.0),
+            "refresh_s": time.perf_counter() - t0,
+            "basis_rank": float(jnp.mean(jnp.concatenate(ranks))) if ranks else 0.0,
+            "basis_finite": ok,
+            "nonfinite_at": None if ok else ("the basis" if not finite else "the reference loss"),
+        }
+        return opt_state, metrics
+
+    return refresh
+
+
+__all__ = ["make_activation_refresh", "rows_per_batch"]
