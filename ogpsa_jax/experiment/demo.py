@@ -777,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format="%(asctime)s %(name)s: %(message)s",
+        force=True,  # absl (imported through orbax) installs a root handler first
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint detail
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
