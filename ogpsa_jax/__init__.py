@@ -46,3 +46,4 @@ from ogpsa_jax.models import (  # noqa: E402, F401
     sequence_logprobs,
 )
 from ogpsa_jax.train import TrainConfig, dpo_loss  # noqa: E402, F401
+from ogpsa_jax.models.capture import CapturedInputs, capture_inputs  # noqa: E402, F401
