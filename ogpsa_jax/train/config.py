@@ -161,7 +161,8 @@ class TrainConfig:
             ogpsa=OGPSAConfig(k=1, refresh_every=5),
         )
     )
-    # Save a checkpoint every this many steps (and always at the end).
+    # Save a checkpoint every this many steps (and always at the end); 0 = none (only the final
+    # HF export and a SIGTERM checkpoint; a killed stage restarts from its beginning).
     checkpoint_every: int = 100
     # Checkpoints kept on disk.
     max_to_keep: int = 2
@@ -597,7 +598,11 @@ def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int,
         raise ValueError("config field 'model.path' is empty but model.init='hf'")
     if config.model.frozen_layers < 0:
         raise ValueError("config field 'model.frozen_layers' must be >= 0")
-    for f in ("checkpoint_every", "max_to_keep", "max_consecutive_skips"):
+    if config.checkpoint_every < 0:
+        raise ValueError(
+            f"config field 'checkpoint_every' must be >= 0, got {config.checkpoint_every}"
+        )
+    for f in ("max_to_keep", "max_consecutive_skips"):
         if getattr(config, f) < 1:
             raise ValueError(f"config field {f!r} must be >= 1, got {getattr(config, f)}")
     if config.num_devices < 0:

@@ -526,13 +526,14 @@ def _run_stage(
             bar.set_postfix(loss=f"{m['loss']:.4f}")
             if step_callback is not None:
                 step_callback(step, record)
-            if step % config.checkpoint_every == 0 or step == total or stop_flag[0]:
+            every = config.checkpoint_every  # 0: no checkpoints but the SIGTERM one
+            if stop_flag[0] or (every and (step % every == 0 or step == total)):
                 save()
                 last_saved = step
             if stop_flag[0]:
                 logger.warning("%s: preempted at step %d (checkpoint saved)", kind, step)
                 return TrainResult(output_dir=stage_dir, step=step, preempted=True, final_dir=None)
-        if last_saved != step:
+        if config.checkpoint_every and last_saved != step:
             save()
     finally:
         bar.close()
