@@ -3,9 +3,11 @@
 Each checkpoint ``DIR/checkpoints/<step>`` holds two items: ``state`` (params and opt state,
 restored against an abstract target so NamedTuples come back as NamedTuples and every array
 gets its sharding) and ``meta`` (JSON: step, data-iterator position, RNG, skip counters and the
-parameter shapes, checked before restoring so a checkpoint of another model is a named error,
-not an orbax shape error). Orbax writes to a temporary folder and renames it when complete, so
-an interrupted save is never listed as a step and the previous complete one is used.
+parameter and optimizer-state shapes and the run config, checked before restoring so a
+checkpoint of another model or config is a named error, not an orbax shape error). Orbax writes
+to a temporary folder, puts ``commit_success.txt`` in it and renames it when complete; a
+checkpoint without that marker (a save or a clean-up cut short) and any temporary folder are
+removed by `open_manager`, so the previous complete checkpoint is the one resumed.
 
 Example:
     >>> mngr = open_manager(path, max_to_keep=2)  # doctest: +SKIP
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -27,8 +30,44 @@ from ogpsa_jax.train.step import leaf_paths
 logger = logging.getLogger(__name__)
 
 
+# Written by orbax into a checkpoint folder as the last step before the rename that commits it.
+_COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
+
+
+def is_complete(step_dir: str | os.PathLike) -> bool:
+    """True when a checkpoint folder was fully written (orbax's commit marker is present)."""
+    step_dir = os.fspath(step_dir)
+    return os.path.isfile(os.path.join(step_dir, _COMMIT_FILE)) and all(
+        os.path.isfile(os.path.join(step_dir, item, _COMMIT_FILE)) for item in ("state", "meta")
+    )
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps with a complete checkpoint in ``directory``, ascending (read only)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if n.isdigit()]
+    return sorted(int(n) for n in names if is_complete(os.path.join(directory, n)))
+
+
+def _drop_incomplete(directory: str) -> None:
+    """Removes temporary and uncommitted checkpoint folders (process 0 only), with a warning."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        tmp = ocp.path.step.TMP_DIR_SUFFIX in name
+        if os.path.isdir(path) and (tmp or (name.isdigit() and not is_complete(path))):
+            logger.warning("removing the incomplete checkpoint %s (an interrupted write)", path)
+            shutil.rmtree(path)
+
+
 def open_manager(directory: str | os.PathLike, *, max_to_keep: int) -> ocp.CheckpointManager:
     """A synchronous CheckpointManager keeping the last ``max_to_keep`` checkpoints.
+
+    Incomplete checkpoints (orbax temporary folders, step folders without the commit marker)
+    are removed first, so ``latest_step()`` is the last complete one.
 
     Args:
         directory: the checkpoints folder (created).
@@ -37,12 +76,12 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int) -> ocp.Check
     Returns:
         The manager.
     """
+    directory = os.path.abspath(os.fspath(directory))
+    _drop_incomplete(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
     )
-    return ocp.CheckpointManager(
-        os.path.abspath(os.fspath(directory)), options=options, item_names=("state", "meta")
-    )
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
 def shapes_of(params: Any) -> dict[str, list[int]]:
@@ -63,7 +102,9 @@ def save(
         opt_state: optimiser state.
         meta: JSON-serialisable host state.
     """
-    meta = dict(meta, step=int(step), param_shapes=shapes_of(params))
+    meta = dict(
+        meta, step=int(step), param_shapes=shapes_of(params), opt_shapes=shapes_of(opt_state)
+    )
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -91,22 +132,49 @@ def restore(
         (params, opt_state, meta).
 
     Raises:
-        ValueError: if the checkpoint's parameter names or shapes differ from this model's.
+        ValueError: if the checkpoint's parameter or optimizer-state names or shapes differ
+            from this model's / optimizer's.
     """
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    want = shapes_of(abstract_params)
-    have = meta.get("param_shapes", {})
-    if have != want:
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[:5]
-        details = ", ".join(f"{k}: checkpoint {have.get(k)} vs model {want.get(k)}" for k in diff)
-        raise ValueError(
-            f"checkpoint {manager.directory}/{step} is from a different model ({details})"
-        )
+    where = f"checkpoint {manager.directory}/{step}"
+    _check_shapes(where, "model", meta.get("param_shapes", {}), shapes_of(abstract_params))
+    if "opt_shapes" in meta:
+        _check_shapes(where, "optimizer state", meta["opt_shapes"], shapes_of(abstract_opt))
     target = {"params": abstract_params, "opt_state": abstract_opt}
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
         "state"
     ]
     return state["params"], state["opt_state"], meta
+
+
+def _check_shapes(where: str, what: str, have: dict, want: dict) -> None:
+    if have == want:
+        return
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    details = ", ".join(
+        f"{k}: checkpoint {have.get(k)} vs this run {want.get(k)}" for k in diff[:5]
+    )
+    more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+    raise ValueError(f"{where} is from a different {what} ({details}{more})")
+
+
+def read_meta(directory: str | os.PathLike) -> tuple[int, dict] | None:
+    """(step, meta) of the latest complete checkpoint in ``directory``; None if there is none.
+
+    Read only: nothing under ``directory`` is created or removed.
+    """
+    steps = complete_steps(directory)
+    if not steps:
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.fspath(directory)), options=options, item_names=("state", "meta")
+    )
+    try:
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return steps[-1], manager.restore(steps[-1], args=args)["meta"]
+    finally:
+        manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -109,7 +109,41 @@ def _model_path(config: TrainConfig) -> str | None:
     path = config.model.path
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"model folder {path!r} not found or has no config.json")
+    _check_model_folder(path)
     return path
+
+
+def _check_model_folder(path: str) -> None:
+    """Reads config.json and the safetensors headers (no weights): a malformed folder is a
+    ValueError naming it before anything is computed or written."""
+    from safetensors import safe_open
+
+    from ogpsa_jax.models.config import DecoderConfig
+    from ogpsa_jax.models.hf import hf_tensor_names
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+        model_cfg = DecoderConfig.from_hf(raw)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"model folder {path!r}: config.json is malformed: {e}") from None
+    index, single = os.path.join(path, "model.safetensors.index.json"), "model.safetensors"
+    try:
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = [single]
+        names = set()
+        for name in files:
+            with safe_open(os.path.join(path, name), framework="numpy") as f:
+                names |= set(f.keys())
+    except Exception as e:  # missing file, bad JSON, or safetensors' own error for a bad header
+        raise ValueError(f"model folder {path!r}: cannot read the weights: {e}") from None
+    missing = sorted(set(hf_tensor_names(model_cfg)) - names)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"model folder {path!r}: missing tensors {missing[:5]}{more}")
 
 
 def _load_tokenizer(config: TrainConfig, model_path: str | None) -> Any:
@@ -358,6 +392,7 @@ def _run_stage(
     stop_flag: list[bool],
     step_callback: Callable[[int, dict], None] | None,
     inject_nonfinite_at: Sequence[int],
+    fault: Callable[[str, int], None] = lambda phase, step: None,
 ) -> TrainResult:
     from ogpsa_jax.data import Batches, bucket_lengths
 
@@ -475,7 +510,9 @@ def _run_stage(
             "rng": np.asarray(rng).tolist(),
             "skips": skips,
             "consecutive_skips": consecutive,
+            "config": to_dict(config),
         }
+        fault("save", step)
         ckpt.save(manager, step, params, opt_state, meta)
 
     paths = leaf_paths(params)
@@ -487,12 +524,19 @@ def _run_stage(
         while step < total:
             record: dict[str, Any] = {}
             if refresh is not None and step % og.refresh_every == 0:
+                fault("refresh", step + 1)
                 opt_state, ref_metrics = refresh(params, opt_state)
+                bad_ref = ref_metrics.pop("nonfinite_at")
                 if not ref_metrics.pop("basis_finite"):
+                    where = f"capability basis refresh at {bad_ref}"
                     if config.on_nonfinite == "stop":
-                        raise NonFiniteError(f"{kind} step {step + 1}: non-finite capability basis")
+                        raise NonFiniteError(f"{kind} step {step + 1}: non-finite {where}")
+                    logger.warning(
+                        "%s step %d: non-finite %s; old basis kept", kind, step + 1, where
+                    )
                     record["refresh_skipped"] = 1
                 record.update(ref_metrics)
+            fault("step", step + 1)
             batch = batches.next_step(st.accum_steps)
             if table is not None:
                 batch = _attach_ref_logps(batch, table)
@@ -551,8 +595,9 @@ def _run_stage(
             shutil.rmtree(final_dir)
         save_hf(nnx.merge(graphdef, params, rest), final_dir)
         inputs.tokenizer.save_pretrained(final_dir)
-        with open(done_path, "w") as f:
+        with open(done_path + ".tmp", "w") as f:
             json.dump({"step": step, "skips": skips}, f)
+        os.replace(done_path + ".tmp", done_path)  # atomic: a kill leaves no half-written file
     logger.info("%s: done after %d steps; model exported to %s", kind, step, final_dir)
     return TrainResult(output_dir=stage_dir, step=step, preempted=False, final_dir=final_dir)
 
@@ -591,7 +636,14 @@ def _make_refresh(apply_fn: Callable, og: Any, groups: list, param_sh: Any, mesh
         else:
             basis = capability_basis(grads, k=og.k, method=og.method, energy=energy)
         ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(basis)]))
-        return basis, ok
+        grad_leaves = [jax.tree.leaves(g) for g in grads]
+        leaf_ok = jnp.stack(
+            [
+                jnp.all(jnp.stack([jnp.all(jnp.isfinite(gl[j])) for gl in grad_leaves]))
+                for j in range(len(grad_leaves[0]))
+            ]
+        )
+        return basis, ok & jnp.all(leaf_ok), leaf_ok
 
     def refresh(params: Any, opt_state: Any) -> tuple[Any, dict]:
         t0 = time.perf_counter()
@@ -609,18 +661,69 @@ def _make_refresh(apply_fn: Callable, og: Any, groups: list, param_sh: Any, mesh
                     n += c
             if not per_batch:
                 grads.append(scale_jit(acc, 1.0 / max(n, 1.0)))
-        basis, ok = basis_jit(grads)
-        ok = bool(ok)
+        basis, ok, leaf_ok = basis_jit(grads)
+        ok = bool(ok) and math.isfinite(nll)
         if ok:
             opt_state = set_basis(opt_state, basis)
+        leaf_ok = np.asarray(leaf_ok)
+        bad = "the reference loss" if leaf_ok.all() else repr(leaf_paths(params)[leaf_ok.argmin()])
         metrics = {
             "ref_loss": nll / max(count, 1.0),
             "refresh_s": time.perf_counter() - t0,
             "basis_finite": ok,
+            "nonfinite_at": None if ok else bad,
         }
         return opt_state, metrics
 
     return refresh
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def _stage_dirs(output_dir: str, command: str) -> list[str]:
+    return [os.path.join(output_dir, "sft"), output_dir] if command == "sft-dpo" else [output_dir]
+
+
+def _check_checkpoints(output_dir: str, command: str, config: dict) -> None:
+    """A resumed folder's latest complete checkpoint must come from this config (read only)."""
+    for stage_dir in _stage_dirs(output_dir, command):
+        found = ckpt.read_meta(os.path.join(stage_dir, "checkpoints"))
+        if found is None or "config" not in found[1] or found[1]["config"] == config:
+            continue
+        diff = _diff(found[1]["config"], config)
+        raise ValueError(
+            f"checkpoint {stage_dir}/checkpoints/{found[0]} was written by a different config "
+            f"({', '.join(diff[:6])}); use another --output-dir or pass --overwrite"
+        )
+
+
+def _fault_drill(spec: str) -> Callable[[str, int], None]:
+    """Fault-drill hook (tests/fault_drill.py): ``OGPSA_FAULT_DRILL="PHASE@STEP+SECONDS"`` makes
+    the process SIGKILL itself SECONDS after PHASE (``step``: computing 1-based step STEP;
+    ``save``: writing checkpoint STEP; ``refresh``: the basis refresh before step STEP) begins.
+    Returns ``fault(phase, step)``, a no-op when ``spec`` is empty."""
+    if not spec:
+        return lambda phase, step: None
+    try:
+        phase, rest = spec.split("@")
+        step_text, delay_text = rest.split("+")
+        at, delay = int(step_text), float(delay_text)
+    except ValueError:
+        raise ValueError(f"OGPSA_FAULT_DRILL={spec!r}: expected PHASE@STEP+SECONDS") from None
+    if phase not in ("step", "save", "refresh"):
+        raise ValueError(f"OGPSA_FAULT_DRILL={spec!r}: phase must be step, save or refresh")
+
+    def fault(now_phase: str, now_step: int) -> None:
+        if (now_phase, now_step) == (phase, at):
+            import threading
+
+            logger.warning("fault drill: SIGKILL %.3fs into %s %d", delay, phase, at)
+            kill = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL))
+            kill.daemon = True
+            kill.start()
+
+    return fault
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -662,8 +765,10 @@ def train(
     output_dir = os.fspath(output_dir)
     shape = validate_config(config, command, jax.device_count())
     inputs = _load_inputs(command, config)
+    fault = _fault_drill(os.environ.get("OGPSA_FAULT_DRILL", ""))
     record = {"command": command, "config": to_dict(config)}
     _prepare_output_dir(output_dir, record, overwrite)
+    _check_checkpoints(output_dir, command, record["config"])
     n = math.prod(shape)
     mesh = make_mesh(shape, axis_type=config.mesh_axis_type, devices=jax.devices()[:n])
     stop_flag = [False]
@@ -688,8 +793,11 @@ def train(
                     stop_flag=stop_flag,
                     step_callback=step_callback,
                     inject_nonfinite_at=inject_nonfinite_at,
+                    fault=fault,
                 )
-            if result.preempted:
+            if result.preempted or (stop_flag[0] and kind != stages[-1]):
+                # SIGTERM during a stage's export: stop before the next stage starts.
+                result = dataclasses.replace(result, preempted=True)
                 return dataclasses.replace(result, output_dir=output_dir)
             init_path = result.final_dir
         assert result is not None

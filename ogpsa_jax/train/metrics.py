@@ -23,11 +23,19 @@ def _clean(value: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads a metrics.jsonl file (one dict per line)."""
+    """Reads a metrics.jsonl file (one dict per line; a cut-off last line is ignored)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:  # only the last line can be cut off by a crash
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return out
 
 
 class MetricsLog:
