@@ -415,3 +415,115 @@ def forward_with_cache(
         params["layers"], h, cos, sin, mask, config, dtype, caches, write_index
     )
     return _logits(params, h, config, dtype), caches
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring entry points: hidden states without the lm_head, the head on a gathered slice, and a
+# prefill that only fills a KV cache (used by `ogpsa_jax.eval.scoring`).
+# ---------------------------------------------------------------------------------------------
+
+
+def hidden_states(
+    params: dict[str, Any],
+    config: DecoderConfig,
+    dtype: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+) -> jax.Array:
+    """Final-norm hidden states [B, L, D] (in `dtype`) of a full-sequence forward.
+
+    `head_logits(params, config, dtype, hidden_states(...))` equals `forward(...)`; gathering
+    rows of the hidden states first applies the lm_head only where logits are needed.
+
+    Args:
+        params: parameter dict (see `Decoder.params`).
+        config: architecture.
+        dtype: compute dtype.
+        input_ids: [B, L] token ids.
+        attention_mask: [B, L], 1 for real tokens (left or right padding).
+
+    Returns:
+        [B, L, hidden_size] array of dtype `dtype`.
+
+    Example:
+        >>> h = hidden_states(params, model.config, jnp.float32, ids, mask)  # doctest: +SKIP
+    """
+    valid_BxL = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(valid_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+    cos, sin = rope_tables(config, positions)
+    n = input_ids.shape[1]
+    mask_BxLxL = jnp.tril(jnp.ones((n, n), bool))[None] & valid_BxL[:, None, :]
+    h = params["embed_tokens"].astype(dtype)[input_ids]
+    h, _ = _scan_layers(params["layers"], h, cos, sin, mask_BxLxL, config, dtype)
+    return _rms_norm(h, params["final_norm"], config.rms_norm_eps, dtype)
+
+
+def head_logits(
+    params: dict[str, Any], config: DecoderConfig, dtype: Any, h_BxCxD: jax.Array
+) -> jax.Array:
+    """Float32 logits [B, C, V] of final-norm hidden states [B, C, D] (the lm_head alone).
+
+    Args:
+        params: parameter dict.
+        config: architecture (tied embeddings use `embed_tokens.T`).
+        dtype: compute dtype.
+        h_BxCxD: hidden states from `hidden_states` (any gathered subset of positions).
+
+    Returns:
+        float32 [B, C, vocab_size].
+
+    Example:
+        >>> logits = head_logits(params, config, jnp.float32, h[:, -1:])  # doctest: +SKIP
+    """
+    b, c, d = h_BxCxD.shape
+    head_DxV = (
+        params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+    ).astype(dtype)
+    logits = jnp.dot(h_BxCxD.reshape(b * c, d), head_DxV, preferred_element_type=jnp.float32)
+    return logits.reshape(b, c, -1)
+
+
+def prefill(
+    params: dict[str, Any],
+    config: DecoderConfig,
+    dtype: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    cache_length: int,
+) -> tuple[jax.Array, jax.Array]:
+    """KV caches of prompts [B, P] in slots [0, P) of a cache of `cache_length` slots.
+
+    No logits are computed. Token t of a row gets RoPE position (number of real tokens before
+    it), so RIGHT-padded prompts keep slot == position; padding slots hold junk that callers
+    exclude with their `kv_valid` mask (e.g. in `forward_with_cache`, writing new tokens at
+    slot P onwards).
+
+    Args:
+        params: parameter dict.
+        config: architecture.
+        dtype: compute dtype (and cache dtype).
+        input_ids: [B, P] prompt ids.
+        attention_mask: [B, P], 1 for real tokens.
+        cache_length: total cache slots T >= P.
+
+    Returns:
+        (k, v), each [num_layers, B, num_kv_heads, cache_length, head_dim] of dtype `dtype`.
+
+    Example:
+        >>> k, v = prefill(params, config, jnp.float32, ids, mask, 40)  # doctest: +SKIP
+    """
+    b, n = input_ids.shape
+    if cache_length < n:
+        raise ValueError(f"cache_length={cache_length} < prompt length {n}")
+    valid_BxP = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(valid_BxP.astype(jnp.int32), axis=-1) - 1, 0)
+    cos, sin = rope_tables(config, positions)
+    shape = (config.num_layers, b, config.num_kv_heads, cache_length, config.head_dim)
+    caches = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    kv_valid_BxT = jnp.pad(valid_BxP, ((0, 0), (0, cache_length - n)))
+    mask_BxPxT = (jnp.arange(cache_length)[None, :] <= jnp.arange(n)[:, None])[None] & (
+        kv_valid_BxT[:, None, :]
+    )
+    h = params["embed_tokens"].astype(dtype)[input_ids]
+    _, caches = _scan_layers(params["layers"], h, cos, sin, mask_BxPxT, config, dtype, caches, 0)
+    return caches
