@@ -1,20 +1,15 @@
 """ogpsa_jax: Orthogonal Gradient Projection for Safety Alignment, in JAX.
 
-Public names are re-exported here; everything else is private to its module.
+Public names are re-exported here; everything else is private to its module. Subpackages:
+``ogpsa_jax.models`` (decoders, HF/GGUF I/O, generation), ``ogpsa_jax.data`` (chat rendering,
+sources, batching), ``ogpsa_jax.train`` (SFT/DPO steps, loop, checkpoints), ``ogpsa_jax.eval``
+(prompt sets, judges, evaluators) and ``ogpsa_jax.experiment`` (the alignment-tax demo).
 """
 
 __version__ = "0.1.0"
 
-from ogpsa_jax.basis import capability_basis, reference_gradients  # noqa: E402, F401
-from ogpsa_jax.transform import (  # noqa: E402, F401
-    OGPSAState,
-    get_basis,
-    ogpsa,
-    ogpsa_adamw,
-    project,
-    set_basis,
-)
-from ogpsa_jax.data import (  # noqa: E402, F401
+from ogpsa_jax.basis import capability_basis, reference_gradients
+from ogpsa_jax.data import (
     Batches,
     PreferencePair,
     SFTExample,
@@ -23,20 +18,20 @@ from ogpsa_jax.data import (  # noqa: E402, F401
     load_sft,
     render_chat,
 )
-from ogpsa_jax.matrix import MatrixOGPSAState, basis_nbytes, ogpsa_matrix  # noqa: E402, F401
-from ogpsa_jax.matrix_basis import (  # noqa: E402, F401
-    collect_inputs,
-    matrix_basis_from_activations,
-    matrix_basis_from_gradients,
-)
-from ogpsa_jax.eval import (  # noqa: E402, F401
+from ogpsa_jax.eval import (
     LMEvalAdapter,
     load_prompt_set,
     multiple_choice_accuracy,
     refusal_judge,
     refusal_rate,
 )
-from ogpsa_jax.models import (  # noqa: E402, F401
+from ogpsa_jax.matrix import MatrixOGPSAState, basis_nbytes, ogpsa_matrix
+from ogpsa_jax.matrix_basis import (
+    collect_inputs,
+    matrix_basis_from_activations,
+    matrix_basis_from_gradients,
+)
+from ogpsa_jax.models import (
     Decoder,
     DecoderConfig,
     generate,
@@ -45,5 +40,53 @@ from ogpsa_jax.models import (  # noqa: E402, F401
     save_hf,
     sequence_logprobs,
 )
-from ogpsa_jax.train import TrainConfig, dpo_loss  # noqa: E402, F401
-from ogpsa_jax.models.capture import CapturedInputs, capture_inputs  # noqa: E402, F401
+from ogpsa_jax.models.capture import CapturedInputs, capture_inputs
+from ogpsa_jax.train import TrainConfig, dpo_loss
+from ogpsa_jax.transform import (
+    OGPSAState,
+    get_basis,
+    ogpsa,
+    ogpsa_adamw,
+    project,
+    set_basis,
+)
+
+__all__ = [
+    "Batches",
+    "CapturedInputs",
+    "Decoder",
+    "DecoderConfig",
+    "LMEvalAdapter",
+    "MatrixOGPSAState",
+    "OGPSAState",
+    "PreferencePair",
+    "SFTExample",
+    "TrainConfig",
+    "assets_path",
+    "basis_nbytes",
+    "capability_basis",
+    "capture_inputs",
+    "collect_inputs",
+    "dpo_loss",
+    "generate",
+    "get_basis",
+    "init_random",
+    "load_hf",
+    "load_preferences",
+    "load_prompt_set",
+    "load_sft",
+    "matrix_basis_from_activations",
+    "matrix_basis_from_gradients",
+    "multiple_choice_accuracy",
+    "ogpsa",
+    "ogpsa_adamw",
+    "ogpsa_matrix",
+    "project",
+    "reference_gradients",
+    "refusal_judge",
+    "refusal_rate",
+    "render_chat",
+    "save_hf",
+    "sequence_logprobs",
+    "set_basis",
+]
