@@ -358,7 +358,7 @@ def score_continuations(
             graphdef, state, *arrays, ref_graphdef=ref_graphdef, ref_state=ref_state
         )
     make_batches = _shared_batches if shared_prefix else _full_batches
-    batches = make_batches(seqs, starts, batch_size, length_bucket, pad_id)
+    batches = list(make_batches(seqs, starts, batch_size, length_bucket, pad_id))
     desc = progress if isinstance(progress, str) else "scoring"
     for rows, arrays in tqdm(batches, desc=desc, disable=not progress, leave=False):
         res = np.asarray(jax.device_get(kernel(*arrays)), dtype=np.float64)
