@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU check for a lent device machine (issue 8): items 1-3 of benchmarks/train_step.py on the GPU
+# with ~0.5B and ~1.5B random-weight Qwen2 configs in bf16 compute (float32 master weights), at
+# the paper's per-device shapes (SFT 4 x 2048 x 4 accumulation, DPO 2 pairs x 2048 x 16), and
+# the projection residual with bf16 gradients under the default matmul precision vs float32.
+# Prints the table last. Budget: < 8 minutes (each config writes its results as it finishes).
+#
+# No network there: it runs with the image's python3 (jax, flax, optax, chex, transformers are
+# installed there). If the image's versions do not work with this code, carry pure-Python wheels
+# (flax, optax, chex, orbax-checkpoint) in .whl, as the device README says:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl flax==0.12.12 optax==0.2.8
+# and run it with carry [".whl"]. jaxlib and the CUDA plugin are too large to carry (> 64 MiB):
+# the image's jax is used.
+#
+# Usage (from the repository root, on the device machine):  bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT_DIR"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+"optax", optax.__version__, jax.devices())' || exit 1
+# 450 s for the benchmark leaves the start and the transfers inside 8 minutes.
+timeout 450 python3 benchmarks/train_step.py --gpu --reps 3 \
+  --json "$OUT_DIR/train_step_gpu.json" > "$OUT_DIR/gpu_check.log" 2>&1
+rc=$?
+grep -v '^|' "$OUT_DIR/gpu_check.log" | tail -n 40
+echo "exit status $rc (124 = cut at 450 s; the JSON holds the configs that finished)"
+grep '^|' "$OUT_DIR/gpu_check.log" || python3 - "$OUT_DIR/train_step_gpu.json" <<'PY'
+import json, sys
+sys.path.insert(0, "benchmarks")
+from train_step import table
+print(table(json.load(open(sys.argv[1]))))
+PY
+exit $rc
