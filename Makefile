@@ -45,3 +45,9 @@ $(VENV311)/.installed:
 	test -x $(VENV311)/bin/python || /root/.pyenv/versions/3.11.7/bin/python -m venv $(VENV311)
 	$(VENV311)/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy
 	touch $@
+
+# Train-step benchmark (issue 8): OGPSA vs plain steps, refresh, memory, TRL and hook peers.
+.PHONY: bench-train
+bench-train: $(STAMP) fixtures-env
+	$(VENV311)/bin/pip install -q trl==1.16.0 accelerate==1.15.0 datasets==5.2.0
+	$(BIN)/python benchmarks/train_step.py --json results/bench/train_step.json
