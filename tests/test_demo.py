@@ -78,6 +78,56 @@ def test_outputs_schema_and_ranges(tiny_demo):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_phase_timings_and_no_recompile(tiny_demo):
+    _, out, result = tiny_demo
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    timings = meta["timings"]
+    for name in ("train naive sft", "train ogpsa sft", "train ogpsa sft-dpo"):
+        assert timings[name]["wall_s"] > 0.0 and timings[name]["compiles"] > 0, name
+        assert set(meta["stage_breakdown"][name]) == {"first_step_s", "steps_s", "refresh_s"}
+    assert meta["stage_breakdown"]["train naive sft"]["refresh_s"] == 0.0  # no basis
+    assert meta["stage_breakdown"]["train ogpsa sft"]["refresh_s"] > 0.0
+    labels = ["start:none", "naive:sft", "ogpsa:sft-dpo", "weight-avg:sft:0.5"]
+    parts = ("generation", "gsm8k-mc", "bbq", "drift")
+    for label in labels:
+        for part in parts:
+            row = timings[f"eval {label}: {part}"]
+            assert row["wall_s"] >= 0.0 and row["cpu_s"] >= 0.0
+    # The first evaluation compiles; every later model has the same graph and shapes, so its
+    # evaluation must reuse the compiled programs (no XLA compile at all).
+    assert sum(timings[f"eval start:none: {p}"]["compiles"] for p in parts) > 0
+    for label in labels[1:]:
+        assert [timings[f"eval {label}: {p}"]["compiles"] for p in parts] == [0] * 4, label
+    assert meta["total_cpu_seconds"] > 0.0
+    # demo stages write no orbax checkpoint, only the final export
+    for run in (out / "cache" / "runs").iterdir():
+        assert not list((run / "checkpoints").iterdir()), run
+        assert (run / "final" / "config.json").is_file()
+
+
+def test_gpm_run_config():
+    config = demo.default_config()
+    cfg = demo._train_config(
+        config,
+        method="ogpsa-gpm",
+        stage="sft",
+        model_dir="m",
+        data="d.jsonl",
+        reference=("a.jsonl", "b.jsonl"),
+        n_rows=96,
+    )
+    og = cfg.sft.ogpsa
+    assert (og.enabled, og.method, og.k, og.energy) == (True, "activation", 32, 0.97)
+    assert og.capture_rows == config.gpm_rows and cfg.checkpoint_every == 0
+    naive = demo._train_config(
+        config, method="naive", stage="dpo", model_dir="m", data="d", reference=("a",), n_rows=9
+    )
+    assert not naive.dpo.ogpsa.enabled
+    assert "ogpsa-gpm:sft-dpo" in demo.full_config().runs
+    with pytest.raises(ValueError, match="gpm_energy"):
+        demo.validate(dataclasses.replace(config, gpm_energy=1.5))
+
+
 def _run_dir(cache, name):
     # run folders are named METHOD-PIPELINE-HASH (a hash of the data they train on)
     (path,) = [

