@@ -309,9 +309,9 @@ def bench_steps(name: str, params: Any, apply_fn: Any, cfg: DecoderConfig, args)
     """Item 1 (+ the bases used) for one config, SFT and DPO."""
     out: dict[str, Any] = {}
     big = name != "tiny" and not args.gpu  # compose from a small-shape run (slow CPU steps)
-    for kind in ("sft", "dpo"):
+    for kind in ("sft",) if big and args.key_only else ("sft", "dpo"):
         ks = GPU_KS[kind] if args.gpu else KS
-        small_run = big and not (kind == "dpo" and args.dpo_direct_only)
+        small_run = big and not (kind == "dpo" and args.dpo_direct_only) and not args.key_only
         if big and not small_run:
             ks = (2,)
         # Fresh bases per stage: the step donates (and so consumes) its projection state.
@@ -590,7 +590,7 @@ def table(results: dict) -> str:
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
 
     for name, r in results["configs"].items():
-        for kind in ("sft", "dpo"):
+        for kind in r["steps"]:
             s = r["steps"][kind]
             sh = s["shape"]
             shape = f"{sh['rows']}x{sh['length']}x{sh['accum']}"
@@ -631,7 +631,9 @@ def table(results: dict) -> str:
                 d["basis_copies"],
                 f"{d['other_state_copy_bytes'] / 1e6:.1f}",
             )
-        rf = r["refresh"]
+        rf = r.get("refresh")
+        if rf is None:
+            rf = {"ref_batch": {"grad_s": float("nan")}, "estimate": {}}
         row(
             "2 refresh",
             name,
@@ -640,7 +642,7 @@ def table(results: dict) -> str:
             f"{rf['ref_batch']['grad_s']:.3f}",
             "",
         )
-        for kind in ("sft", "dpo"):
+        for kind in r["steps"] if rf["estimate"] else ():
             plain = r["steps"][kind]["step_s"]["plain"]
             for key in (
                 ("gram_schmidt_k2", "svd_k2", "svd_k8")
@@ -750,6 +752,11 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--peer-steps", type=int, default=3, help="SmolLM2 peer steps (1 warm)")
     parser.add_argument(
+        "--key-only",
+        action="store_true",
+        help="SmolLM2: only the key figure (SFT plain vs k2 at the full shape), no refresh/peers",
+    )
+    parser.add_argument(
         "--dpo-direct-only",
         action="store_true",
         help="SmolLM2 DPO: time plain vs k2 at the full shape only (no small-shape deltas)",
@@ -785,12 +792,13 @@ def main() -> None:
         logger.info("%s: %.1fM parameters", name, cfg.num_params / 1e6)
         r["memory"] = bench_memory(params)
         logger.info("%s memory done", name)
-        r["refresh"] = bench_refresh(name, params, apply_fn, cfg)
-        logger.info("%s refresh: %s", name, json.dumps(r["refresh"]))
+        if not (args.key_only and name != "tiny"):
+            r["refresh"] = bench_refresh(name, params, apply_fn, cfg)
+            logger.info("%s refresh: %s", name, json.dumps(r["refresh"]))
         r["steps"], params = bench_steps(name, params, apply_fn, cfg, args)
         if args.gpu:
             r["residual"] = gpu_residual_check(params, apply_fn, cfg)
-        elif name in PEER_SHAPES:
+        elif name in PEER_SHAPES and not (args.key_only and name != "tiny"):
             r["peers"], params = bench_peers(name, params, apply_fn, cfg, r["steps"], args)
         results["configs"][name] = r
         del params
@@ -800,7 +808,8 @@ def main() -> None:
         s = results["configs"]["smollm2"]["steps"]["sft"]
         results["overhead_ratio_k2"] = s["ratio"]["k2"]["median"]
         results["overhead_ratio_k2_spread"] = [s["ratio"]["k2"]["min"], s["ratio"]["k2"]["max"]]
-        results["overhead_ratio_k2_composed"] = s["ratio_composed"]["k2"]
+        if "ratio_composed" in s:
+            results["overhead_ratio_k2_composed"] = s["ratio_composed"]["k2"]
     if args.gpu:
         results["overhead_ratio_k2_gpu"] = {
             n: r["steps"]["sft"]["ratio"]["k2"]["median"] for n, r in results["configs"].items()
