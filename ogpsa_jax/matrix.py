@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ogpsa_jax.transform import _keep_sharding
+
 logger = logging.getLogger(__name__)
 
 _F32 = jnp.float32
@@ -218,21 +220,6 @@ def _zeros_basis(p: Any, axis: int, rank: int, dtype: Any) -> jax.Array:
     if isinstance(p, jax.core.Tracer):
         return jnp.zeros(shape, dtype, out_sharding=v_spec)
     return jnp.zeros(shape, dtype, device=jax.NamedSharding(p.sharding.mesh, v_spec))
-
-
-def _keep_sharding(new: jax.Array, old: jax.Array) -> jax.Array:
-    """Gives ``new`` the sharding of ``old`` where that sharding is known."""
-    if isinstance(old, jax.core.Tracer):
-        spec = _explicit_spec(old)
-        if spec is not None and jax.typeof(new).sharding.spec != spec:
-            new = jax.sharding.reshard(new, spec)
-        return new
-    if isinstance(new, jax.core.Tracer):
-        return new
-    sharding = getattr(old, "sharding", None)
-    if sharding is None or getattr(new, "sharding", None) == sharding:
-        return new
-    return jax.device_put(new, sharding)
 
 
 class MatrixOGPSAState(NamedTuple):
