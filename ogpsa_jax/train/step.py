@@ -251,13 +251,23 @@ def make_train_step(
             jnp.all(leaf_ok), jnp.where(jnp.isfinite(loss), -2, -1), jnp.argmin(leaf_ok)
         )
 
-        pg, new_proj = proj_tx.update(grads, proj_state, params)
-        updates, new_rest = rest_tx.update(pg, rest_state, params)
-        new_params = optax.apply_updates(params, updates)
+        def apply(operands: Any) -> Any:
+            params, (proj_state, rest_state), grads = operands
+            pg, new_proj = proj_tx.update(grads, proj_state, params)
+            updates, new_rest = rest_tx.update(pg, rest_state, params)
+            return optax.apply_updates(params, updates), (new_proj, new_rest), pg, updates
 
-        keep = lambda new, old: jnp.where(ok, new, old)
-        new_params = jax.tree.map(keep, new_params, params)
-        new_opt = jax.tree.map(keep, (new_proj, new_rest), opt_state)
+        def skip(operands: Any) -> Any:
+            params, opt_state, grads = operands
+            zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+            return params, opt_state, grads, jax.tree.map(zeros, shapes[3])
+
+        # A non-finite step leaves params and opt state untouched. `lax.cond` (not a select of
+        # new vs old) lets XLA update the donated buffers in place: a `jnp.where(ok, new, old)`
+        # made it copy the AdamW moments every step.
+        operands = (params, opt_state, grads)
+        shapes = jax.eval_shape(apply, operands)
+        new_params, new_opt, pg, updates = jax.lax.cond(ok, apply, skip, operands)
 
         g2, pg2 = _sq_norm(grads), _sq_norm(pg)
         metrics = {
