@@ -345,12 +345,7 @@ def rope_tables(config: DecoderConfig, positions_BxL: jax.Array) -> tuple[jax.Ar
 
 def _logits(params: dict[str, Any], h_BxLxD: jax.Array, config: DecoderConfig, dtype: Any):
     h = _rms_norm(h_BxLxD, params["final_norm"], config.rms_norm_eps, dtype)
-    b, n, d = h.shape
-    head_DxV = (
-        params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-    ).astype(dtype)
-    logits = jnp.dot(h.reshape(b * n, d), head_DxV, preferred_element_type=jnp.float32)
-    return logits.reshape(b, n, -1)
+    return head_logits(params, config, dtype, h)
 
 
 def forward(
