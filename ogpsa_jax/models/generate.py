@@ -209,8 +209,13 @@ def sequence_logprobs(
 def token_logprob_sums(
     logits_BxLxV: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """(sum of target log-probs [B], count [B]) from logits; targets are input_ids[:, 1:]."""
-    logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
-    target_logp = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    """(sum of target log-probs [B], count [B]) from logits; targets are input_ids[:, 1:].
+
+    The target logit minus the logsumexp, so no second [B, L, V] array (a full log-softmax) is
+    materialised. The training losses (`ogpsa_jax.train.losses`) use this same function.
+    """
+    logits_BxTxV = logits_BxLxV[:, :-1].astype(jnp.float32)
+    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked_BxT = jnp.take_along_axis(logits_BxTxV, input_ids[:, 1:, None], axis=-1)[..., 0]
     m = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(target_logp * m, axis=1), jnp.sum(m, axis=1)
+    return jnp.sum((picked_BxT - logz_BxT) * m, axis=1), jnp.sum(m, axis=1)

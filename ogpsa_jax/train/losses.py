@@ -14,45 +14,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ogpsa_jax.models.generate import token_logprob_sums
+
 _F32 = jnp.float32
 
 
-def token_logprobs(logits_BxLxV: jax.Array, input_ids_BxL: jax.Array) -> jax.Array:
-    """Log-probability of each next token: out[b, t] = log p(input_ids[b, t+1] | <= t).
-
-    Args:
-        logits_BxLxV: model logits.
-        input_ids_BxL: token ids.
-
-    Returns:
-        float32 array [B, L-1].
-    """
-    logits_BxTxV = logits_BxLxV[:, :-1].astype(_F32)
-    targets_BxT = input_ids_BxL[:, 1:]
-    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    return picked_BxT - logz_BxT
-
-
-def sequence_logps(
-    logits_BxLxV: jax.Array, input_ids_BxL: jax.Array, loss_mask_BxL: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Summed target-token log-probs per row and the number of target tokens per row.
-
-    Args:
-        logits_BxLxV: model logits.
-        input_ids_BxL: token ids.
-        loss_mask_BxL: 1 where input_ids is a target.
-
-    Returns:
-        (sum_logp [B], count [B]) in float32.
-
-    Example:
-        >>> s, n = sequence_logps(logits, ids, mask)  # doctest: +SKIP
-    """
-    mask_BxT = loss_mask_BxL[:, 1:].astype(_F32)
-    lp_BxT = token_logprobs(logits_BxLxV, input_ids_BxL)
-    return jnp.sum(lp_BxT * mask_BxT, axis=-1), jnp.sum(mask_BxT, axis=-1)
+# (sum_logp [B], count [B]) of the target tokens per row, in float32: the models package's
+# implementation, so scoring, evaluation and training share one definition.
+sequence_logps = token_logprob_sums
 
 
 def token_nll(
