@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ogpsa_jax.transform import _keep_sharding
+from ogpsa_jax.transform import _check_strength, _keep_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +131,6 @@ def resolve_dims(params: optax.Params, dims: DimsSpec = None, mask: Any = None) 
             )
         out.append(axis % ndim)
     return out
-
-
-def _check_strength(strength: Any) -> None:
-    if isinstance(strength, jax.core.Tracer):
-        return
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        return
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"strength must lie in [0, 1], got {strength!r}")
 
 
 def _explicit_spec(x: Any) -> Any:
