@@ -6,12 +6,25 @@ k = 2 (the goal of issue 2), and a small overhead on top of an AdamW update.
 
 Parameter tree: ``--layers`` transformer layers of Qwen2-0.5B shapes (hidden 896, MLP 4864,
 14 query / 2 key-value heads of 64): 14.9M parameters per layer, 59.6M for the default 4.
-Everything is measured side by side in one run: a plain jitted copy (``x + 0``, no donation)
-gives the machine's bandwidth; the floor is the projection's bytes over that bandwidth.
+Everything is measured side by side in one run, interleaved call by call, in two modes:
+
+* ``inplace`` (the training-step case: the gradient is a temporary, its buffer reused): the
+  gradient tree is donated and the result carried to the next call; the bandwidth comes from an
+  in-place negation of a float32 tree of the same size, also donated and carried.
+* ``fresh``: every call writes a newly allocated output (a plain jitted ``-x`` copy gives the
+  bandwidth). The time of a fresh 240 MB output is dominated by page faults and swings by 3x
+  from call to call on a shared VM, so this mode's ratios are only indicative.
+
+The floor is the projection's least bytes over the copy bandwidth. An exact projection needs
+all k coefficients (global reductions per leaf) before its first write, so it reads g and the
+basis twice; the "two-pass floor" is that traffic: the reductions' reads at the bandwidth of a
+read-only reduction (``sum`` of the float32 tree, measured in the same run), plus one
+read-g-and-basis-write-g pass at the copy bandwidth.
 
 Command::
 
-    .venv/bin/python benchmarks/projection.py [--layers 4] [--reps 7] [--json out.json]
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/projection.py \\
+        [--layers 4] [--reps 9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -86,6 +99,17 @@ def time_paired(runners: dict, reps: int) -> tuple[dict[str, float], dict[str, f
     return medians, {name: min(ts) for name, ts in times.items()}
 
 
+def carried(fn, tree, *extra):
+    """A runner calling the donating ``fn(tree, *extra)`` and carrying its output forward."""
+    box = {"x": jax.tree.map(jnp.copy, tree)}
+
+    def run():
+        box["x"] = fn(box["x"], *extra)
+        return box["x"]
+
+    return run
+
+
 def update_runner(tx, g, params):
     """A runner doing one jitted training update ``(params, state) -> (params + tx.update(g),
     new state)`` with that pair donated and carried, as in a training step.
@@ -114,22 +138,24 @@ def update_runner(tx, g, params):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
 
-    copy = jax.jit(lambda t: jax.tree.map(lambda x: x + 0, t))
-    project = jax.jit(og.project)
+    negate = lambda t: jax.tree.map(jnp.negative, t)  # noqa: E731
+    copy_fresh = jax.jit(negate)
+    copy_inplace = jax.jit(negate, donate_argnums=0)
+    read_sum = jax.jit(lambda t: sum(jnp.sum(x) for x in jax.tree.leaves(t)))
+    project_fresh = jax.jit(og.project)
+    project_inplace = jax.jit(og.project, donate_argnums=0)
     rows = []
     for dtype in (jnp.float32, jnp.bfloat16):
         g = make_tree(args.layers, dtype, seed=0)
         params = make_tree(args.layers, dtype, seed=1)
         n_params = sum(x.size for x in jax.tree.leaves(g))
-        # Bandwidth of a plain copy of a float32 tree of the same size (read + write).
-        g32 = jax.tree.map(lambda x: x.astype(jnp.float32), g)
-        time_paired({"copy": lambda x=g32: copy(x)}, args.reps)  # settle the allocator first
+        g32 = make_tree(args.layers, jnp.float32, seed=2)  # the bandwidth probes' tree
         for k in args.ks:
             basis = og.capability_basis(
                 [make_tree(args.layers, jnp.float32, seed=10 + i) for i in range(k)]
@@ -137,15 +163,30 @@ def main() -> None:
             basis = jax.block_until_ready(basis)
             t, t_min = time_paired(
                 {
-                    "copy": lambda x=g32: copy(x),
-                    "project": lambda x=g, b=basis: project(x, b),
+                    "copy_inplace": carried(copy_inplace, g32),
+                    "copy_fresh": lambda x=g32: copy_fresh(x),
+                    "read": lambda x=g32: read_sum(x),
+                    "project_inplace": carried(project_inplace, g, basis),
+                    "project_fresh": lambda x=g, b=basis: project_fresh(x, b),
                 },
                 args.reps,
             )
-            bandwidth = 2 * tree_bytes(g32) / t["copy"]
-            bandwidth_min = 2 * tree_bytes(g32) / t_min["copy"]
-            floor_bytes = 2 * tree_bytes(g) + tree_bytes(basis)
-            t_floor = floor_bytes / bandwidth
+            nb32, ng, nu = tree_bytes(g32), tree_bytes(g), tree_bytes(basis)
+            floor_bytes = 2 * ng + nu
+            row = {"dtype": jnp.dtype(dtype).name, "k": k, "params_M": n_params / 1e6}
+            row["read_GBps"] = nb32 / t["read"] / 1e9
+            for mode in ("inplace", "fresh"):
+                bw = 2 * nb32 / t[f"copy_{mode}"]
+                bw_min = 2 * nb32 / t_min[f"copy_{mode}"]
+                read_bw = nb32 / t["read"]
+                two_pass = (ng + nu) / read_bw + floor_bytes / bw
+                row[f"copy_GBps_{mode}"] = bw / 1e9
+                row[f"project_ms_{mode}"] = 1e3 * t[f"project_{mode}"]
+                row[f"floor_ms_{mode}"] = 1e3 * floor_bytes / bw
+                row[f"ratio_{mode}"] = t[f"project_{mode}"] / (floor_bytes / bw)
+                row[f"ratio_min_{mode}"] = t_min[f"project_{mode}"] / (floor_bytes / bw_min)
+                row[f"two_pass_ms_{mode}"] = 1e3 * two_pass
+                row[f"ratio_two_pass_{mode}"] = t[f"project_{mode}"] / two_pass
             plain_run, plain_carry = update_runner(
                 optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)), g, params
             )
@@ -157,39 +198,35 @@ def main() -> None:
             del basis
             u, _ = time_paired({"adamw": plain_run, "ogpsa_adamw": ogpsa_run}, args.reps)
             del plain_carry, ogpsa_carry, plain_run, ogpsa_run
-            rows.append(
-                {
-                    "dtype": jnp.dtype(dtype).name,
-                    "k": k,
-                    "params_M": n_params / 1e6,
-                    "copy_GBps": bandwidth / 1e9,
-                    "project_ms": 1e3 * t["project"],
-                    "floor_ms": 1e3 * t_floor,
-                    "ratio": t["project"] / t_floor,
-                    "copy_GBps_min": bandwidth_min / 1e9,
-                    "project_ms_min": 1e3 * t_min["project"],
-                    "ratio_min": t_min["project"] / (floor_bytes / bandwidth_min),
-                    "ogpsa_adamw_ms": 1e3 * u["ogpsa_adamw"],
-                    "adamw_ms": 1e3 * u["adamw"],
-                    "overhead": u["ogpsa_adamw"] / u["adamw"],
-                }
-            )
-            logger.info("done %s", rows[-1])
+            row["ogpsa_adamw_ms"] = 1e3 * u["ogpsa_adamw"]
+            row["adamw_ms"] = 1e3 * u["adamw"]
+            row["overhead"] = u["ogpsa_adamw"] / u["adamw"]
+            rows.append(row)
+            logger.info("done %s", row)
         del g32
 
     header = (
-        "| grads | k | params | copy GB/s | project ms | floor ms | project/floor "
-        "| min-time project/floor | ogpsa_adamw ms | clip+adamw ms | ratio |"
+        "| grads | k | params | copy GB/s in-place / fresh | reduce-read GB/s "
+        "| project ms in-place | floor ms | project/floor | min-time | two-pass floor ms "
+        "| project/two-pass | fresh: project/floor | ogpsa_adamw ms | clip+adamw ms | ratio |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         lines.append(
-            f"| {r['dtype']} | {r['k']} | {r['params_M']:.1f}M | {r['copy_GBps']:.1f} "
-            f"| {r['project_ms']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f}x "
-            f"| {r['ratio_min']:.2f}x "
+            f"| {r['dtype']} | {r['k']} | {r['params_M']:.1f}M "
+            f"| {r['copy_GBps_inplace']:.1f} / {r['copy_GBps_fresh']:.1f} | {r['read_GBps']:.1f} "
+            f"| {r['project_ms_inplace']:.1f} | {r['floor_ms_inplace']:.1f} "
+            f"| {r['ratio_inplace']:.2f}x | {r['ratio_min_inplace']:.2f}x "
+            f"| {r['two_pass_ms_inplace']:.1f} | {r['ratio_two_pass_inplace']:.2f}x "
+            f"| {r['ratio_fresh']:.2f}x "
             f"| {r['ogpsa_adamw_ms']:.1f} | {r['adamw_ms']:.1f} | {r['overhead']:.2f}x |"
         )
-    logger.info("devices: %s, jax %s", jax.devices()[0].device_kind, jax.__version__)
+    logger.info(
+        "devices: %s, jax %s, load average %s",
+        jax.devices()[0].device_kind,
+        jax.__version__,
+        os.getloadavg(),
+    )
     logger.info("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

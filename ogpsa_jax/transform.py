@@ -158,21 +158,35 @@ def _replace_basis(old: Basis, basis: Sequence[optax.Params]) -> Basis:
     return tuple(new_trees)
 
 
+def _coefficient(g: jax.Array, u: jax.Array) -> jax.Array:
+    """<g, u> in float32. The (g, u) barrier gives each coefficient its own view of g, so that
+    XLA converts a bf16 g inside each reduction instead of writing one float32 copy of g that
+    all k reductions share (which doubles the projection's time at k >= 2)."""
+    g, u = jax.lax.optimization_barrier((g, u))
+    return jnp.sum(u.astype(_F32) * g.astype(_F32))
+
+
 def _project_leaf(
     g: jax.Array, us: Sequence[jax.Array], strength: Any, conflict_only: bool
 ) -> jax.Array:
     """Projects one leaf: all k coefficients in float32, then one fused subtract."""
     if not us:
         return g
-    g_f32 = g.astype(_F32)
-    coeffs_K = [jnp.sum(u.astype(_F32) * g_f32) for u in us]
+    coeffs_K = [_coefficient(g, u) for u in us]
     if isinstance(conflict_only, bool):
         if conflict_only:
             coeffs_K = [jnp.minimum(c, 0.0) for c in coeffs_K]
     else:  # an injected (array) flag
         coeffs_K = [jnp.where(conflict_only, jnp.minimum(c, 0.0), c) for c in coeffs_K]
+    # The coefficients are global reductions over the leaf: the subtract waits for all of them.
+    # g goes through the same barrier so that its float32 view is recomputed inside the
+    # subtract's loop, never materialised. Left to itself XLA:CPU fuses reduce -> broadcast ->
+    # subtract into one library fusion that cannot write in place (a donated gradient then
+    # costs an extra copy) and runs 1.5-4x slower (benchmarks/projection.py). Barriers move
+    # no data; on GPU/TPU the reductions are separate kernels anyway.
+    coeffs_K, g = jax.lax.optimization_barrier((coeffs_K, g))
     removed = sum(c * u.astype(_F32) for c, u in zip(coeffs_K, us, strict=True))
-    return (g_f32 - jnp.asarray(strength, _F32) * removed).astype(g.dtype)
+    return (g.astype(_F32) - jnp.asarray(strength, _F32) * removed).astype(g.dtype)
 
 
 def project(
