@@ -289,16 +289,26 @@ def _normal_tree(params: Any, key: jax.Array) -> Any:
     )
 
 
-@partial(jax.jit, static_argnums=1)
-def _random_basis(params: Any, k: int, key: jax.Array) -> tuple[Any, ...]:
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _random_leaf_basis(shape: tuple[int, ...], dtype: Any, k: int, key: jax.Array):
     keys = jax.random.split(key, k)
-    return capability_basis([_normal_tree(params, kk) for kk in keys], k=k)
+    dirs = [jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in keys]
+    return capability_basis([[d] for d in dirs], k=k)
 
 
 def random_basis(params: Any, k: int, seed: int) -> tuple[Any, ...]:
-    """A gram_schmidt basis of k random gradient trees, built in one jitted call (the step time
-    does not depend on the directions' values)."""
-    return jax.block_until_ready(_random_basis(params, k, jax.random.key(seed)))
+    """A gram_schmidt basis of k random directions per leaf (the step time does not depend on
+    the directions' values), built one leaf at a time so that the peak memory is k copies of
+    the largest leaf rather than several k-fold copies of the whole model."""
+    leaves, tree_def = jax.tree.flatten(params)
+    per_leaf = []
+    for i, p in enumerate(leaves):
+        per_leaf.append(
+            jax.block_until_ready(
+                _random_leaf_basis(tuple(p.shape), jnp.dtype(p.dtype), k, jax.random.key(seed + i))
+            )
+        )
+    return tuple(jax.tree.unflatten(tree_def, [b[j][0] for b in per_leaf]) for j in range(k))
 
 
 # ----------------------------------------------------------------------------- items 1-3
