@@ -271,38 +271,78 @@ class MatrixOGPSAState(NamedTuple):
         return MatrixOGPSAState(basis=jax.tree.unflatten(old_def, out))
 
 
-def _project_leaf(g: jax.Array, v: jax.Array, axis: int, strength: Any) -> jax.Array:
-    """``g - strength * V (V^T g)`` along ``axis``, coefficients in float32 (HIGHEST)."""
-    ndim, nb = g.ndim, batch_ndim(g.ndim, axis)
+def _subscripts(ndim: int, axis: int) -> tuple[str, str, str]:
+    """einsum subscripts of (g, V, V^T g) for a leaf with ``ndim`` axes and input ``axis``."""
+    nb = batch_ndim(ndim, axis)
     g_sub = _LETTERS[:axis] + "i" + _LETTERS[axis : ndim - 1]
     batch = g_sub[:nb]
     cols = "".join(c for a, c in enumerate(g_sub) if a >= nb and a != axis)
-    v_sub = batch + "ir"
-    c_sub = batch + "r" + cols
+    return g_sub, batch + "ir", batch + "r" + cols
+
+
+def _coefficients(g: jax.Array, v: jax.Array, axis: int) -> tuple[jax.Array, Any]:
+    """``V^T g`` along ``axis`` in float32 (HIGHEST), and the sharding to give ``V c``."""
+    ndim, nb = g.ndim, batch_ndim(g.ndim, axis)
+    g_sub, v_sub, c_sub = _subscripts(ndim, axis)
     g_spec = _explicit_spec(g)
     c_sharding = None
     if g_spec is not None and isinstance(g, jax.core.Tracer):
         full = _full_spec(g_spec, ndim)
         c_cols = [full[a] for a in range(nb, ndim) if a != axis]
         c_sharding = jax.P(*full[:nb], None, *c_cols)
-    g_f32, v_f32 = g.astype(_F32), v.astype(_F32)
     coeffs = jnp.einsum(
         f"{g_sub},{v_sub}->{c_sub}",
-        g_f32,
-        v_f32,
+        g.astype(_F32),
+        v.astype(_F32),
         precision=_HIGHEST,
         preferred_element_type=_F32,
         out_sharding=c_sharding,
     )
+    return coeffs, None if c_sharding is None else jax.typeof(g).sharding.spec
+
+
+def _project_leaf(g: jax.Array, v: jax.Array, axis: int, strength: Any) -> jax.Array:
+    """``g - strength * V (V^T g)`` along ``axis``, coefficients in float32 (HIGHEST)."""
+    coeffs, out_spec = _coefficients(g, v, axis)
+    g_sub, v_sub, c_sub = _subscripts(g.ndim, axis)
     removed = jnp.einsum(
         f"{v_sub},{c_sub}->{g_sub}",
-        v_f32,
+        v.astype(_F32),
         coeffs,
         precision=_HIGHEST,
         preferred_element_type=_F32,
-        out_sharding=None if c_sharding is None else jax.typeof(g).sharding.spec,
+        out_sharding=out_spec,
     )
-    return (g_f32 - jnp.asarray(strength, _F32) * removed).astype(g.dtype)
+    return (g.astype(_F32) - jnp.asarray(strength, _F32) * removed).astype(g.dtype)
+
+
+def residual_max(grads: optax.Updates, basis: optax.Params, *, dims: DimsSpec = None) -> jax.Array:
+    """``max |V^T g|`` over every projected leaf: what a projected gradient still has in the
+    protected input spaces (0 up to rounding right after :func:`project_matrix`).
+
+    Args:
+      grads: gradient tree.
+      basis: as for :func:`project_matrix`.
+      dims: input axis per leaf, as given to the transform.
+
+    Returns:
+      A float32 scalar (0 when no leaf has a basis).
+
+    Example:
+      >>> g = {"w": jnp.array([[3.0], [4.0]])}
+      >>> float(residual_max(g, {"w": jnp.array([[1.0], [0.0]])}))
+      3.0
+    """
+    g_leaves = jax.tree.flatten(grads, is_leaf=_is_masked)[0]
+    v_leaves = jax.tree.flatten(basis, is_leaf=_is_masked_or_none)[0]
+    if len(v_leaves) != len(g_leaves):
+        raise ValueError("basis does not match the gradient structure")
+    out = jnp.zeros((), _F32)
+    for g, v, axis in zip(g_leaves, v_leaves, resolve_dims(grads, dims), strict=True):
+        if _is_masked_or_none(v) or _is_masked(g) or axis is None:
+            continue
+        out = jnp.maximum(out, jnp.max(jnp.abs(_coefficients(g, v, axis)[0])))
+    return out
 
 
 def project_matrix(
@@ -464,5 +504,6 @@ __all__: list[str] = [
     "default_dims",
     "ogpsa_matrix",
     "project_matrix",
+    "residual_max",
     "resolve_dims",
 ]

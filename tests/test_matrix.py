@@ -15,6 +15,7 @@ from ogpsa_jax.matrix import (
     basis_nbytes,
     ogpsa_matrix,
     project_matrix,
+    residual_max,
     resolve_dims,
 )
 from ogpsa_jax.matrix_basis import (
@@ -126,6 +127,20 @@ def test_update_is_orthogonal_to_protected_subspace(tx, jit_update):
     # Pass-through leaves are untouched, bit for bit.
     np.testing.assert_array_equal(out["bias"], grads["bias"])
     np.testing.assert_array_equal(out["embed"], grads["embed"])
+
+
+def test_residual_max_matches_numpy_and_vanishes_after_projection():
+    rng = np.random.default_rng(7)
+    grads, basis = _tree(rng), _basis(rng)
+    g_w, v_w = (np.asarray(a, np.float64) for a in (grads["blocks"]["w"], basis["blocks"]["w"]))
+    g_h, v_h = (np.asarray(a, np.float64) for a in (grads["head"], basis["head"]))
+    want = max(np.abs(np.einsum("lir,lio->lro", v_w, g_w)).max(), np.abs(v_h.T @ g_h).max())
+    got = float(jax.jit(residual_max)(grads, basis))
+    assert abs(got - want) <= 1e-5 * want, (got, want)
+    projected = jax.jit(project_matrix)(grads, basis)
+    assert float(residual_max(projected, basis)) <= 1e-5 * want
+    # no basis anywhere: 0
+    assert float(residual_max(grads, jax.tree.map(lambda _: None, grads))) == 0.0
 
 
 def test_idempotent_and_protected_outputs_unchanged(tx, jit_update):

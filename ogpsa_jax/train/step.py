@@ -137,7 +137,13 @@ def _sq_norm(tree: Any) -> jax.Array:
 
 
 def _max_residual(pg: Any, proj_state: Any) -> jax.Array:
-    """max_i,leaf |<Pg, u_i>| over the flat basis (0 when there is none)."""
+    """What the projected gradient still has along the protected directions: max over leaves
+    and directions of |<Pg, u_i>| (flat basis) or of |V^T Pg| (matrix basis, the decoder's
+    default input axes, as training builds it); 0 when OGPSA is off."""
+    from ogpsa_jax.matrix import MatrixOGPSAState, residual_max
+
+    if isinstance(proj_state, MatrixOGPSAState):
+        return residual_max(pg, proj_state.basis)
     basis = getattr(proj_state, "basis", None)
     if not isinstance(basis, tuple):
         return jnp.zeros((), _F32)
