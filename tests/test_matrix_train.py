@@ -156,6 +156,9 @@ def test_checkpointed_basis_round_trips_and_matches_a_recomputation(run):
     assert metrics["basis_finite"] and metrics["nonfinite_at"] is None
     got, want, old = named(proj4.basis), named(get_basis(redone)), named(get_basis(opt2))
     assert got.keys() == want.keys()
+    # Weights sharing an input share its basis (computed once, one buffer per leaf).
+    for a, b in (("q_proj", "k_proj"), ("q_proj", "v_proj"), ("gate_proj", "up_proj")):
+        np.testing.assert_array_equal(got[f"layers/{a}"], got[f"layers/{b}"])
     for name in got:
         v, w, o = got[name], want[name], old[name]
         cols = lambda x: np.sum(np.sum(x * x, axis=-2) > 0.5, axis=-1)

@@ -98,8 +98,14 @@ def make_activation_refresh(
     mask = param_mask(og.mask)
     energy = og.energy or None
 
+    # Weights that share an input (q/k/v, gate/up) share one captured array inside the jitted
+    # capture; only the distinct ones leave it, are stacked and are decomposed (the same key
+    # for every leaf makes equal inputs give equal bases). `layout` maps each parameter leaf
+    # to its distinct input (None: not projected); it is filled while tracing.
+    layout: dict[str, Any] = {}
+
     @jax.jit
-    def capture_jit(params: Any, batch: dict, key: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+    def capture_jit(params: Any, batch: dict, key: jax.Array) -> tuple[list, jax.Array, jax.Array]:
         model = nnx.merge(graphdef, params, rest)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         cap = capture_inputs(
@@ -113,7 +119,21 @@ def make_activation_refresh(
             with_logits=True,
         )
         nll, count = token_nll(cap.logits, ids, batch["loss_mask"])
-        return inputs_like(params, cap.inputs, mask=mask), nll, count
+        acts = inputs_like(params, cap.inputs, mask=mask)
+        leaves, treedef = jax.tree.flatten(acts, is_leaf=lambda x: x is None)
+        distinct: list[jax.Array] = []
+        index: list[int | None] = []
+        for x in leaves:
+            if x is None:
+                index.append(None)
+                continue
+            j = next((j for j, d in enumerate(distinct) if d is x), None)
+            if j is None:
+                j = len(distinct)
+                distinct.append(x)
+            index.append(j)
+        layout.update(index=index, treedef=treedef)
+        return distinct, nll, count
 
     base_key = jax.random.key(seed)
 
@@ -121,15 +141,34 @@ def make_activation_refresh(
         from ogpsa_jax.transform import get_basis, set_basis
 
         t0 = time.perf_counter()
-        trees, nll, count = [], 0.0, 0.0
+        per_batch, nll, count = [], 0.0, 0.0
         for i, batch in enumerate(batches):
-            acts, s, c = capture_jit(params, batch, jax.random.fold_in(base_key, i))
-            trees.append(acts)
+            distinct, s, c = capture_jit(params, batch, jax.random.fold_in(base_key, i))
+            per_batch.append(distinct)
             nll, count = nll + float(s), count + float(c)
-        old = get_basis(opt_state) if og.union else None
-        basis = matrix_basis_from_activations(
-            stack_rows(trees), rank=og.k, energy=energy, union_with=old, seed=seed
+        index, treedef = layout["index"], layout["treedef"]
+        old = None
+        if og.union:  # one previous V per distinct input (the leaves sharing it hold equal V)
+            old_leaves = jax.tree.leaves(
+                get_basis(opt_state), is_leaf=lambda x: x is None or _is_masked(x)
+            )
+            old = [None] * len(per_batch[0])
+            for j, v in zip(index, old_leaves, strict=True):
+                if j is not None and old[j] is None:
+                    old[j] = v
+        distinct_basis = matrix_basis_from_activations(
+            stack_rows(per_batch), rank=og.k, energy=energy, union_with=old, seed=seed
         )
+        # each leaf gets its own buffer: the train step donates the basis leaf by leaf
+        used: set[int] = set()
+        leaves = []
+        for j in index:
+            if j is None:
+                leaves.append(optax.MaskedNode())
+            else:
+                leaves.append(distinct_basis[j] if j not in used else jnp.copy(distinct_basis[j]))
+                used.add(j)
+        basis = jax.tree.unflatten(treedef, leaves)
         vs = [v for v in jax.tree.leaves(basis, is_leaf=_is_masked) if not _is_masked(v)]
         finite = all(bool(jnp.all(jnp.isfinite(v))) for v in vs)
         ok = finite and math.isfinite(nll)
