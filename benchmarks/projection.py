@@ -174,11 +174,11 @@ def main() -> None:
             nb32, ng, nu = tree_bytes(g32), tree_bytes(g), tree_bytes(basis)
             floor_bytes = 2 * ng + nu
             row = {"dtype": jnp.dtype(dtype).name, "k": k, "params_M": n_params / 1e6}
-            row["read_GBps"] = nb32 / t["read"] / 1e9
+            read_bw = nb32 / t["read"]
+            row["read_GBps"] = read_bw / 1e9
             for mode in ("inplace", "fresh"):
                 bw = 2 * nb32 / t[f"copy_{mode}"]
                 bw_min = 2 * nb32 / t_min[f"copy_{mode}"]
-                read_bw = nb32 / t["read"]
                 two_pass = (ng + nu) / read_bw + floor_bytes / bw
                 row[f"copy_GBps_{mode}"] = bw / 1e9
                 row[f"project_ms_{mode}"] = 1e3 * t[f"project_{mode}"]

@@ -166,6 +166,30 @@ def _coefficient(g: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.sum(u.astype(_F32) * g.astype(_F32))
 
 
+def residual_max(grads: optax.Updates, basis: Sequence[optax.Params]) -> jax.Array:
+    """``max |<g, u_i>|`` over every leaf and direction: what a projected gradient still has
+    along the basis (0 up to rounding right after :func:`project`).
+
+    Args:
+      grads: gradient tree.
+      basis: tuple of k trees with the structure of ``grads`` (``MaskedNode`` = not projected).
+
+    Returns:
+      A float32 scalar (0 when no leaf has a basis).
+
+    Example:
+      >>> float(residual_max({"w": jnp.array([3.0, 4.0])}, ({"w": jnp.array([1.0, 0.0])},)))
+      3.0
+    """
+    g_leaves = jax.tree.leaves(grads, is_leaf=_is_masked)
+    out = jnp.zeros((), _F32)
+    for tree in basis:
+        for g, u in zip(g_leaves, jax.tree.leaves(tree, is_leaf=_is_masked), strict=True):
+            if not (_is_masked(u) or _is_masked(g)):
+                out = jnp.maximum(out, jnp.abs(_coefficient(g, u)))
+    return out
+
+
 def _project_leaf(
     g: jax.Array, us: Sequence[jax.Array], strength: Any, conflict_only: bool
 ) -> jax.Array:

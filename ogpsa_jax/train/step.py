@@ -140,21 +140,13 @@ def _max_residual(pg: Any, proj_state: Any) -> jax.Array:
     """What the projected gradient still has along the protected directions: max over leaves
     and directions of |<Pg, u_i>| (flat basis) or of |V^T Pg| (matrix basis, the decoder's
     default input axes, as training builds it); 0 when OGPSA is off."""
-    from ogpsa_jax.matrix import MatrixOGPSAState, residual_max
+    from ogpsa_jax import matrix, transform
 
-    if isinstance(proj_state, MatrixOGPSAState):
-        return residual_max(pg, proj_state.basis)
-    basis = getattr(proj_state, "basis", None)
-    if not isinstance(basis, tuple):
-        return jnp.zeros((), _F32)
-    g_leaves = jax.tree.leaves(pg, is_leaf=_is_masked)
-    out = jnp.zeros((), _F32)
-    for tree in basis:
-        for g, u in zip(g_leaves, jax.tree.leaves(tree, is_leaf=_is_masked), strict=True):
-            if _is_masked(u) or _is_masked(g):
-                continue
-            out = jnp.maximum(out, jnp.abs(jnp.sum(u.astype(_F32) * g.astype(_F32))))
-    return out
+    if isinstance(proj_state, matrix.MatrixOGPSAState):
+        return matrix.residual_max(pg, proj_state.basis)
+    if isinstance(proj_state, transform.OGPSAState):
+        return transform.residual_max(pg, proj_state.basis)
+    return jnp.zeros((), _F32)
 
 
 def sft_micro_loss(
