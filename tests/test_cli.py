@@ -61,6 +61,8 @@ def test_train_sft_end_to_end_then_resume_and_guard(tmp_path, capsys):
         (["--set", "sft.ogpsa.k=0"], r"'sft.ogpsa.k' must be >= 1"),
         (["--set", "sft.ogpsa.strength=1.5"], r"strength' must be in \[0, 1\]"),
         (["--set", "sft.max_length=0"], r"'sft.max_length' must be > 0"),
+        (["--set", "model.scan_unroll=-1"], r"'model.scan_unroll' must be >= 0"),
+        (["--set", "model.attention_chunk=-3"], r"'model.attention_chunk' must be >= -1"),
         (["--set", "mesh=3,1,1"], r"mesh \(3, 1, 1\) has 3 devices but 8 are used"),
         (["--set", "sft.batch_size=6"], r"batch_size'=6 is not divisible"),
         (["--set", "model.init=hf", "--set", "model.path=/no/such/model"], r"model folder"),

@@ -26,6 +26,7 @@ from ogpsa_jax.models import (
     smollm2_135m_config,
     tiny_config,
 )
+from ogpsa_jax.models.decoder import attention_chunk_rows
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = sorted(d for d in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, d)))
@@ -146,12 +147,16 @@ def test_sharded_model_matches_single_device(shape, axis_type, vocab):
     vocab_axis = "tensor" if vocab % 2 == 0 else None
     assert sharded.lm_head.get_value().sharding.spec == PartitionSpec("fsdp", vocab_axis)
     assert sharded.embed_tokens.get_value().sharding.spec == PartitionSpec(vocab_axis, "fsdp")
+    sharded.attention_chunk = 4  # blocked causal attention (4 + 4 + 1 rows) on the mesh too
     with jax.set_mesh(mesh):
         got = _logits(sharded, ids, mask)
         built = Decoder(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2))  # also builds under set_mesh
     assert built.layers.up_proj.get_value().sharding.spec == PartitionSpec(None, "fsdp", "tensor")
-    # same math, different reduction order across shards
-    chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-5)
+    # same math, different reduction order across shards (padded query rows differ: masked)
+    keep = mask[..., None].astype(bool)
+    chex.assert_trees_all_close(
+        jnp.where(keep, got, 0), jnp.where(keep, ref, 0), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_frozen_layers_same_forward_and_zero_grads():
@@ -178,6 +183,72 @@ def test_frozen_layers_same_forward_and_zero_grads():
         assert np.all(np.abs(np.asarray(full[:2])).sum(axis=tuple(range(1, full.ndim))) > 0)
     with pytest.raises(ValueError, match="frozen_layers"):
         model(ids, mask, frozen_layers=5)
+
+
+def test_scan_unroll_same_logits_and_grads():
+    # 1 (a loop), 2 (4 layers in 2 iterations), 3 (a remainder) and 0 (unrolled) are the same
+    # math; only XLA's schedule differs (tolerance: float32 reassociation).
+    cfg = tiny_config(vocab_size=97).replace(num_layers=4)
+    ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 97)
+    mask = jnp.ones((2, 8), jnp.int32).at[0, :2].set(0)
+
+    @nnx.jit
+    def loss_and_grad(model):
+        return nnx.value_and_grad(lambda m: jnp.mean(m(ids, mask, frozen_layers=1) ** 2))(model)
+
+    ref = loss_and_grad(init_random(cfg, seed=3, dtype=jnp.float32))
+    for unroll in (2, 3, 0):
+        model = init_random(cfg, seed=3, dtype=jnp.float32, scan_unroll=unroll)
+        got = loss_and_grad(model)
+        chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-7)
+    model.scan_unroll = 1  # a plain attribute, settable after construction
+    chex.assert_trees_all_close(loss_and_grad(model), ref, rtol=1e-6, atol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="scan_unroll"):
+            init_random(cfg, seed=3, scan_unroll=bad)
+    model.scan_unroll = -2
+    with pytest.raises(ValueError, match="scan_unroll must be an int >= 0"):
+        model(ids, mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_attention_chunks_same_logits_and_grads(arch):
+    # Blocks of query rows against their key prefix are the same causal attention as one L x L
+    # block: logits at real tokens and gradients of a loss on them agree (float32
+    # reassociation), with left and right padding, a ragged last block, and auto (130 tokens:
+    # blocks of 64, 64, 2).
+    cfg = tiny_config(vocab_size=97, architecture=arch)
+    n = 130
+    ids = jax.random.randint(jax.random.key(4), (3, n), 0, 97)
+    mask = jnp.ones((3, n), jnp.int32).at[0, :9].set(0).at[1, -20:].set(0)
+    keep = mask.astype(jnp.float32)[..., None]
+
+    @nnx.jit
+    def loss_and_grad(model):
+        def loss(m):
+            return jnp.sum(jnp.square(m(ids, mask)) * keep) / jnp.sum(keep)
+
+        return nnx.value_and_grad(loss)(model)
+
+    model = init_random(cfg, seed=5, dtype=jnp.float32, attention_chunk=0)
+    ref_logits = model(ids, mask) * keep
+    ref = loss_and_grad(model)
+    for chunk in (-1, 48, 129):
+        model.attention_chunk = chunk
+        chex.assert_trees_all_close(model(ids, mask) * keep, ref_logits, rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(loss_and_grad(model), ref, rtol=1e-4, atol=1e-6)
+    assert [attention_chunk_rows(t) for t in (64, 65, 130, 1024, 1025, 4096)] == [
+        0,
+        64,
+        64,
+        64,
+        65,
+        256,
+    ]
+    assert attention_chunk_rows(130, 0) == 0 and attention_chunk_rows(130, 200) == 0
+    for bad in (-2, 2.0, None):
+        with pytest.raises(ValueError, match="attention_chunk must be an int >= -1"):
+            init_random(cfg, seed=5, attention_chunk=bad)
 
 
 def test_fully_padded_row_is_finite():

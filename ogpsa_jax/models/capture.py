@@ -36,7 +36,14 @@ from jax.sharding import AxisType
 
 from ogpsa_jax.matrix import resolve_dims
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.decoder import _block, _logits, _rms_norm, layer_param_shapes, rope_tables
+from ogpsa_jax.models.decoder import (
+    _block,
+    _logits,
+    _rms_norm,
+    attention_chunk_rows,
+    layer_param_shapes,
+    rope_tables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +119,11 @@ def _capture(
     mask_BxLxL = jnp.tril(jnp.ones((n, n), bool))[None] & valid_BxL[:, None, :]
     keep_Rx1 = valid_R[:, None].astype(_F32)
     pick = lambda x_NxI: x_NxI[idx_R].astype(_F32) * keep_Rx1
+    chunk = attention_chunk_rows(n)
 
     def body(h: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         taps: dict[str, jax.Array] = {}
-        h, _ = _block(p, h, cos, sin, mask_BxLxL, config, dtype, None, 0, taps=taps)
+        h, _ = _block(p, h, cos, sin, mask_BxLxL, config, dtype, None, 0, taps=taps, chunk=chunk)
         return h, {name: pick(x) for name, x in taps.items()}
 
     h = params["embed_tokens"].astype(dtype)[input_ids]

@@ -101,6 +101,16 @@ class Decoder(nnx.Module):
         dtype: compute dtype of matmuls and activations (norms and softmax run in float32).
         param_dtype: storage dtype of the parameters.
         rngs: random streams (`rngs.params()` draws the N(0, 0.02) initialisation).
+        scan_unroll: layers per iteration of the layer `lax.scan` (1 = a loop, compiled once;
+            0 = every layer unrolled: faster for a few small layers, where the loop's stacked
+            activations and slicing cost more than the layers, and slower to compile for deep
+            models). A plain attribute: ``model.scan_unroll = 0`` works after construction.
+        attention_chunk: query rows per block of the causal attention (-1 = auto, see
+            `attention_chunk_rows`; 0 = one L x L block). Each block of queries attends only
+            to the keys up to its last row, so the masked upper triangle is (mostly) never
+            computed: same result, ~2x fewer attention FLOPs and a smaller working set (the
+            SmolLM2 attention's forward + backward at 2048 tokens ran 2.7x faster on CPU in
+            blocks of 128). A plain attribute too.
 
     Example:
         >>> model = Decoder(tiny_config(), rngs=nnx.Rngs(0))  # doctest: +SKIP
@@ -114,9 +124,13 @@ class Decoder(nnx.Module):
         dtype: Any = jnp.bfloat16,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        scan_unroll: int = 1,
+        attention_chunk: int = -1,
     ):
         self.config = config
         self.dtype = dtype
+        self.scan_unroll = check_scan_unroll(scan_unroll)
+        self.attention_chunk = check_attention_chunk(attention_chunk)
         mesh = _ambient_mesh()
         d, v = config.hidden_size, config.vocab_size
         embed = 0.02 * jax.random.normal(rngs.params(), (v, d), param_dtype)
@@ -169,9 +183,56 @@ class Decoder(nnx.Module):
             raise ValueError(
                 f"attention_mask shape {attention_mask.shape} != input_ids {input_ids.shape}"
             )
-        run = lambda p, i, m: forward(p, self.config, self.dtype, i, m, frozen_layers=frozen_layers)
+        unroll = check_scan_unroll(self.scan_unroll)
+        chunk = check_attention_chunk(self.attention_chunk)
+
+        def run(p: dict[str, Any], i: jax.Array, m: jax.Array) -> jax.Array:
+            return forward(
+                p,
+                self.config,
+                self.dtype,
+                i,
+                m,
+                frozen_layers=frozen_layers,
+                scan_unroll=unroll,
+                attention_chunk=chunk,
+            )
+
         out_shape = (*input_ids.shape, self.config.vocab_size)
         return with_auto_axes(run, out_shape)(self.params(), input_ids, attention_mask)
+
+
+def _check_int(name: str, value: Any, minimum: int, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} ({meaning}), got {value!r}")
+    return int(value)
+
+
+def check_scan_unroll(value: Any) -> int:
+    """`value` if it is a valid `scan_unroll` (an int >= 0), else a ValueError naming it."""
+    return _check_int("scan_unroll", value, 0, "0 = unroll every layer")
+
+
+def check_attention_chunk(value: Any) -> int:
+    """`value` if it is a valid `attention_chunk` (an int >= -1), else a ValueError naming it."""
+    return _check_int("attention_chunk", value, -1, "-1 = auto, 0 = one block")
+
+
+def attention_chunk_rows(length: int, setting: int = -1) -> int:
+    """Query rows per causal attention block for sequences of `length` (0 = one block).
+
+    Auto (`setting` -1): blocks of 64 rows, or of length / 16 rows for sequences longer than
+    1024 tokens (at most 16 blocks: the blocks are unrolled, so their number sets the compile
+    time). On a 2-core CPU, forward + backward of SmolLM2's attention (9 heads, 3 KV heads,
+    head_dim 64): 256 tokens 18.0 -> 10.6 ms (64 rows), 1024 tokens 140 -> 54 ms (64),
+    2048 tokens 564 -> 206 ms (128); blocks of 64 or 128 were within 10 % of each other.
+
+    Example:
+        >>> attention_chunk_rows(256), attention_chunk_rows(2048), attention_chunk_rows(48)
+        (64, 128, 0)
+    """
+    rows = max(64, -(-length // 16)) if setting < 0 else setting
+    return 0 if rows >= length else rows
 
 
 def with_auto_axes(fn: Any, out_shape: tuple[int, ...]) -> Any:
@@ -195,6 +256,8 @@ def init_random(
     dtype: Any = jnp.bfloat16,
     param_dtype: Any = jnp.float32,
     mesh: jax.sharding.Mesh | None = None,
+    scan_unroll: int = 1,
+    attention_chunk: int = -1,
 ) -> Decoder:
     """A randomly initialised decoder (HF-like: weights N(0, 0.02), norms 1, biases 0).
 
@@ -204,6 +267,8 @@ def init_random(
         dtype: compute dtype.
         param_dtype: parameter dtype.
         mesh: when given, parameters are created directly with their shardings on it.
+        scan_unroll: the layer scan's unroll (see `Decoder`).
+        attention_chunk: causal attention block rows (see `Decoder`).
 
     Returns:
         A `Decoder`.
@@ -211,7 +276,19 @@ def init_random(
     Example:
         >>> model = init_random(tiny_config(), seed=0, dtype=jnp.float32)  # doctest: +SKIP
     """
-    make = lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    check_scan_unroll(scan_unroll)
+    check_attention_chunk(attention_chunk)
+
+    def make() -> Decoder:
+        return Decoder(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(seed),
+            scan_unroll=scan_unroll,
+            attention_chunk=attention_chunk,
+        )
+
     if mesh is None:
         return make()
     with jax.set_mesh(mesh):
@@ -279,11 +356,14 @@ def _block(
     cache: tuple[jax.Array, jax.Array] | None,
     write_index: jax.Array | int,
     taps: dict[str, jax.Array] | None = None,
+    chunk: int = 0,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One decoder block. With a cache (k, v each [B, Hkv, T, E]) the new keys are written
     at `write_index` and attention runs over the whole cache. A `taps` dict (capture path
     only, `ogpsa_jax.models.capture`) receives the [B*L, d_in] inputs of the linear layers
-    under the keys attn_in, o_in, mlp_in, down_in; the normal forward passes None."""
+    under the keys attn_in, o_in, mlp_in, down_in; the normal forward passes None. Without a
+    cache, `chunk` > 0 runs the attention in blocks of that many query rows, each against the
+    keys up to its last row: exact only for a causal `mask_BxLxT` (the callers' masks)."""
     b, n, d = h_BxLxD.shape
     hq, hk, e = config.num_heads, config.num_kv_heads, config.head_dim
     x_NxD = _rms_norm(h_BxLxD, p["attn_norm"], config.rms_norm_eps, dtype).reshape(b * n, d)
@@ -302,17 +382,23 @@ def _block(
         v_BxKxLxE = jax.lax.dynamic_update_slice(cv, v_BxKxLxE.astype(cv.dtype), start)
         cache = (k_BxKxLxE, v_BxKxLxE)
     q_BxKxGxLxE = q_BxHxLxE.reshape(b, hk, hq // hk, n, e)
-    s_BxKxGxLxT = jnp.einsum(
-        "bkgle,bkte->bkglt",
-        q_BxKxGxLxE,
-        k_BxKxLxE.astype(dtype),
-        preferred_element_type=jnp.float32,
-    ) * (1.0 / math.sqrt(e))
-    s_BxKxGxLxT = jnp.where(mask_BxLxT[:, None, None], s_BxKxGxLxT, NEG_INF)
-    probs = jax.nn.softmax(s_BxKxGxLxT, axis=-1).astype(dtype)
-    o_BxKxGxLxE = jnp.einsum(
-        "bkglt,bkte->bkgle", probs, v_BxKxLxE.astype(dtype), preferred_element_type=jnp.float32
-    ).astype(dtype)
+    k_BxKxTxE, v_BxKxTxE = k_BxKxLxE.astype(dtype), v_BxKxLxE.astype(dtype)
+    if cache is None and 0 < chunk < n:
+        o_BxKxGxLxE = jnp.concatenate(
+            [
+                _attend(
+                    q_BxKxGxLxE[:, :, :, i : i + chunk],
+                    k_BxKxTxE[:, :, : i + chunk],
+                    v_BxKxTxE[:, :, : i + chunk],
+                    mask_BxLxT[:, i : i + chunk, : i + chunk],
+                    dtype,
+                )
+                for i in range(0, n, chunk)
+            ],
+            axis=3,
+        )
+    else:
+        o_BxKxGxLxE = _attend(q_BxKxGxLxE, k_BxKxTxE, v_BxKxTxE, mask_BxLxT, dtype)
     o_NxQ = o_BxKxGxLxE.reshape(b, hq, n, e).transpose(0, 2, 1, 3).reshape(b * n, hq * e)
     if taps is not None:
         taps["o_in"] = o_NxQ
@@ -326,13 +412,33 @@ def _block(
     return h_BxLxD + mlp_NxD.reshape(b, n, d), cache
 
 
-def _scan_layers(layer_params, h, cos, sin, mask, config, dtype, caches=None, write_index=0):
+def _attend(
+    q_BxKxGxLxE: jax.Array,
+    k_BxKxTxE: jax.Array,
+    v_BxKxTxE: jax.Array,
+    mask_BxLxT: jax.Array,
+    dtype: Any,
+) -> jax.Array:
+    """Grouped-query softmax attention (scores and softmax in float32), output in `dtype`."""
+    s_BxKxGxLxT = jnp.einsum(
+        "bkgle,bkte->bkglt", q_BxKxGxLxE, k_BxKxTxE, preferred_element_type=jnp.float32
+    ) * (1.0 / math.sqrt(q_BxKxGxLxE.shape[-1]))
+    s_BxKxGxLxT = jnp.where(mask_BxLxT[:, None, None], s_BxKxGxLxT, NEG_INF)
+    probs = jax.nn.softmax(s_BxKxGxLxT, axis=-1).astype(dtype)
+    return jnp.einsum(
+        "bkglt,bkte->bkgle", probs, v_BxKxTxE, preferred_element_type=jnp.float32
+    ).astype(dtype)
+
+
+def _scan_layers(
+    layer_params, h, cos, sin, mask, config, dtype, caches=None, write_index=0, unroll=1, chunk=0
+):
     def body(h, xs):
         p, cache = xs
-        h, cache = _block(p, h, cos, sin, mask, config, dtype, cache, write_index)
+        h, cache = _block(p, h, cos, sin, mask, config, dtype, cache, write_index, chunk=chunk)
         return h, cache
 
-    return jax.lax.scan(body, h, (layer_params, caches))
+    return jax.lax.scan(body, h, (layer_params, caches), unroll=True if unroll == 0 else unroll)
 
 
 def rope_tables(config: DecoderConfig, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -356,8 +462,14 @@ def forward(
     attention_mask: jax.Array,
     *,
     frozen_layers: int = 0,
+    scan_unroll: int = 1,
+    attention_chunk: int = -1,
 ) -> jax.Array:
-    """Full-sequence forward on a parameter dict (see `Decoder.params`); float32 logits."""
+    """Full-sequence forward on a parameter dict (see `Decoder.params`); float32 logits.
+
+    `frozen_layers` bottom layers run under `stop_gradient`; `scan_unroll` and
+    `attention_chunk` are the layer scan's unroll and the causal attention's block rows (see
+    `Decoder`)."""
     valid_BxL = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(valid_BxL.astype(jnp.int32), axis=-1) - 1, 0)
     cos, sin = rope_tables(config, positions)
@@ -366,13 +478,14 @@ def forward(
     mask_BxLxL = causal_LxL[None] & valid_BxL[:, None, :]
     h = params["embed_tokens"].astype(dtype)[input_ids]
     layers = params["layers"]
+    run = dict(unroll=scan_unroll, chunk=attention_chunk_rows(n, attention_chunk))
     if frozen_layers > 0:
         frozen = jax.tree.map(lambda a: a[:frozen_layers], layers)
         layers = jax.tree.map(lambda a: a[frozen_layers:], layers)
-        h, _ = _scan_layers(frozen, h, cos, sin, mask_BxLxL, config, dtype)
+        h, _ = _scan_layers(frozen, h, cos, sin, mask_BxLxL, config, dtype, **run)
         h = jax.lax.stop_gradient(h)
     if frozen_layers < config.num_layers:
-        h, _ = _scan_layers(layers, h, cos, sin, mask_BxLxL, config, dtype)
+        h, _ = _scan_layers(layers, h, cos, sin, mask_BxLxL, config, dtype, **run)
     return _logits(params, h, config, dtype)
 
 
@@ -424,6 +537,7 @@ def hidden_states(
     dtype: Any,
     input_ids: jax.Array,
     attention_mask: jax.Array,
+    attention_chunk: int = -1,
 ) -> jax.Array:
     """Final-norm hidden states [B, L, D] (in `dtype`) of a full-sequence forward.
 
@@ -436,6 +550,7 @@ def hidden_states(
         dtype: compute dtype.
         input_ids: [B, L] token ids.
         attention_mask: [B, L], 1 for real tokens (left or right padding).
+        attention_chunk: causal attention block rows (see `Decoder`).
 
     Returns:
         [B, L, hidden_size] array of dtype `dtype`.
@@ -449,7 +564,8 @@ def hidden_states(
     n = input_ids.shape[1]
     mask_BxLxL = jnp.tril(jnp.ones((n, n), bool))[None] & valid_BxL[:, None, :]
     h = params["embed_tokens"].astype(dtype)[input_ids]
-    h, _ = _scan_layers(params["layers"], h, cos, sin, mask_BxLxL, config, dtype)
+    chunk = attention_chunk_rows(n, attention_chunk)
+    h, _ = _scan_layers(params["layers"], h, cos, sin, mask_BxLxL, config, dtype, chunk=chunk)
     return _rms_norm(h, params["final_norm"], config.rms_norm_eps, dtype)
 
 

@@ -43,6 +43,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Freeze the bottom n layers (only the top layers get gradients).
     frozen_layers: int = 0
+    # Layers per iteration of the layer scan: 1 = a loop (compiles once; best for deep models),
+    # 0 = every layer unrolled (faster steps for a few small layers, e.g. 10% on "tiny").
+    scan_unroll: int = 1
+    # Query rows per block of the causal attention: -1 = auto (64, or length / 16 beyond 1024
+    # tokens), 0 = one L x L block. Blocks skip the masked upper triangle (same result).
+    attention_chunk: int = -1
     # Optional system prompt put in every rendered conversation ("" = the template's default).
     system_prompt: str = ""
 
@@ -183,7 +189,7 @@ def tiny() -> TrainConfig:
     return TrainConfig(
         seed=0,
         mesh=(1, -1, 1),
-        model=ModelConfig(init="random", arch="tiny", tokenizer="tiny"),
+        model=ModelConfig(init="random", arch="tiny", tokenizer="tiny", scan_unroll=0),
         sft=StageConfig(
             data="assets:safety_sft.jsonl",
             batch_size=8,
@@ -598,6 +604,16 @@ def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int,
         raise ValueError("config field 'model.path' is empty but model.init='hf'")
     if config.model.frozen_layers < 0:
         raise ValueError("config field 'model.frozen_layers' must be >= 0")
+    if config.model.scan_unroll < 0:
+        raise ValueError(
+            f"config field 'model.scan_unroll' must be >= 0 (0 = unroll every layer), "
+            f"got {config.model.scan_unroll}"
+        )
+    if config.model.attention_chunk < -1:
+        raise ValueError(
+            f"config field 'model.attention_chunk' must be >= -1 (-1 = auto, 0 = one block), "
+            f"got {config.model.attention_chunk}"
+        )
     if config.checkpoint_every < 0:
         raise ValueError(
             f"config field 'checkpoint_every' must be >= 0, got {config.checkpoint_every}"

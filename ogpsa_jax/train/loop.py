@@ -347,7 +347,10 @@ def _make_model(config: TrainConfig, inputs: _Inputs, mesh: Any, init_path: str 
 
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     if init_path is not None:
-        return models.load_hf(init_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        model = models.load_hf(init_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        model.scan_unroll = config.model.scan_unroll
+        model.attention_chunk = config.model.attention_chunk
+        return model
     tok = inputs.tokenizer
     arch = config.model.arch
     if arch == "tiny":
@@ -361,7 +364,13 @@ def _make_model(config: TrainConfig, inputs: _Inputs, mesh: Any, init_path: str 
         ids["bos_token_id"] = tok.bos_token_id
     cfg = dataclasses.replace(cfg, **ids)
     return models.init_random(
-        cfg, seed=config.seed, dtype=dtype, param_dtype=param_dtype, mesh=mesh
+        cfg,
+        seed=config.seed,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        mesh=mesh,
+        scan_unroll=config.model.scan_unroll,
+        attention_chunk=config.model.attention_chunk,
     )
 
 
