@@ -356,7 +356,8 @@ def bench_steps(name: str, params: Any, apply_fn: Any, cfg: DecoderConfig, args)
             }
         direct = list(variants)
         runners = {v: (lambda v=v, b=bench, x=full: b.run(v, x)) for v in direct}
-        t = interleaved(runners, warmup=1, reps=args.reps)
+        # tiny steps take ~0.1 s: more rounds than the SmolLM2 default of 3 (25 s per step).
+        t = interleaved(runners, warmup=1, reps=max(args.reps, 15) if name == "tiny" else args.reps)
         res["step_s"] = {v: statistics.median(ts) for v, ts in t.items()}
         res["step_s_all"] = t
         res["ratio"] = {v: ratio_stats(t[v], t["plain"]) for v in direct if v != "plain"}
@@ -809,7 +810,9 @@ def _write_json(path: str, results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,smollm2")
-    parser.add_argument("--reps", type=int, default=3, help="timed rounds at the full shape")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="timed rounds at the full shape (tiny: at least 15)"
+    )
     parser.add_argument("--small-reps", type=int, default=5, help="timed rounds, small shape")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--peer-steps", type=int, default=3, help="SmolLM2 peer steps (1 warm)")
