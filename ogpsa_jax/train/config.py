@@ -44,7 +44,7 @@ class ModelConfig:
     # Freeze the bottom n layers (only the top layers get gradients).
     frozen_layers: int = 0
     # Layers per iteration of the layer scan: 1 = a loop (compiles once; best for deep models),
-    # 0 = every layer unrolled (faster steps for a few small layers, e.g. 10% on "tiny").
+    # 0 = every layer unrolled (faster steps for a few small layers, slower compiles for many).
     scan_unroll: int = 1
     # Query rows per block of the causal attention: -1 = auto (64, or length / 16 beyond 1024
     # tokens), 0 = one L x L block. Blocks skip the masked upper triangle (same result).
