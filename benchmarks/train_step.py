@@ -85,8 +85,8 @@ logger = logging.getLogger("benchmarks.train_step")
 
 # (rows per micro-batch (pairs for DPO), tokens per row, accumulation steps).
 SHAPES = {"sft": (4, 256, 4), "dpo": (2, 256, 4)}
-# Peers run at the same shapes as item 1 (their "ours" figures reuse item 1's timings).
-PEER_SHAPES = {"tiny": SHAPES, "smollm2": SHAPES}
+# Configs whose peers run (at item 1's shapes; SmolLM2's "ours" reuses item 1's timings).
+PEER_CONFIGS = ("tiny", "smollm2")
 KS = (1, 2, 8)
 # GPU check (--gpu): the paper's per-device shapes, every variant timed directly.
 GPU_SHAPES = {"sft": (4, 2048, 4), "dpo": (2, 2048, 16)}
@@ -534,29 +534,28 @@ def bench_peers(
     to minute, so ``tiny`` runs ``--peer-rounds`` rounds of [our plain / k2 steps, then each
     peer] and reports the median and spread of the per-round ratios."""
     out: dict[str, Any] = {}
-    shapes = PEER_SHAPES[name]
     big = name != "tiny"
     n_steps, warm = (args.peer_steps, 1) if big else (12, 3)
     rounds = 1 if big else args.peer_rounds
     for kind in ("sft", "dpo"):
-        rows, length, accum = shape = shapes[kind]
+        rows, length, accum = shape = SHAPES[kind]
         tokens = rows * length * accum * (2 if kind == "dpo" else 1)
         modes = [f"trl_{kind}", f"hooks_{kind}"] if kind == "sft" else [f"trl_{kind}"]
         if args.skip_peers:
             modes = []
         bench = None
-        if not (big and shape == SHAPES[kind]):
+        if not big:
             bases = {2: random_basis(params, 2, seed=300)}
-            bench = StepBench(params, apply_fn, kind, {"plain": 0, "k2": 2}, bases, shape=shape)
+            bench = StepBench(params, apply_fn, kind, {"plain": 0, "k2": 2}, bases)
             del bases
             batch = make_batch(cfg.vocab_size, rows, length, accum, dpo=kind == "dpo", seed=3)
             runners = {v: (lambda v=v, b=bench, x=batch: b.run(v, x)) for v in ("plain", "k2")}
         per_round: list[dict[str, Any]] = []
         for r in range(rounds):
-            if bench is None:  # same shape as item 1: reuse its interleaved timings
+            if bench is None:  # SmolLM2: reuse item 1's interleaved timings (same shape)
                 t = {v: steps[kind]["step_s_all"][v] for v in ("plain", "k2")}
             else:
-                t = interleaved(runners, warmup=2 if r == 0 else 1, reps=args.reps if big else 12)
+                t = interleaved(runners, warmup=2 if r == 0 else 1, reps=12)
             got: dict[str, Any] = {
                 "ours_tokens_per_s": {v: tokens / statistics.median(ts) for v, ts in t.items()}
             }
@@ -869,7 +868,7 @@ def main() -> None:
         r["steps"], params = bench_steps(name, params, apply_fn, cfg, args)
         if args.gpu:
             r["residual"] = gpu_residual_check(params, apply_fn, cfg)
-        elif name in PEER_SHAPES and not (args.key_only and name != "tiny"):
+        elif name in PEER_CONFIGS and not (args.key_only and name != "tiny"):
             r["peers"], params = bench_peers(name, params, apply_fn, cfg, r["steps"], args)
         results["configs"][name] = r
         del params

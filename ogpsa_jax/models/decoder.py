@@ -108,9 +108,9 @@ class Decoder(nnx.Module):
         attention_chunk: query rows per block of the causal attention (-1 = auto, see
             `attention_chunk_rows`; 0 = one L x L block). Each block of queries attends only
             to the keys up to its last row, so the masked upper triangle is (mostly) never
-            computed: same result, ~2x fewer attention FLOPs and a smaller working set (the
-            SmolLM2 attention's forward + backward at 2048 tokens ran 2.7x faster on CPU in
-            blocks of 128). A plain attribute too.
+            computed: same result, ~2x fewer attention FLOPs and a smaller working set
+            (`benchmarks/attention.py`: forward + backward of SmolLM2-shaped layers at 2048
+            tokens 1.5x faster on a 2-core CPU). A plain attribute too.
 
     Example:
         >>> model = Decoder(tiny_config(), rngs=nnx.Rngs(0))  # doctest: +SKIP
@@ -223,9 +223,9 @@ def attention_chunk_rows(length: int, setting: int = -1) -> int:
 
     Auto (`setting` -1): blocks of 64 rows, or of length / 16 rows for sequences longer than
     1024 tokens (at most 16 blocks: the blocks are unrolled, so their number sets the compile
-    time). On a 2-core CPU, forward + backward of SmolLM2's attention (9 heads, 3 KV heads,
-    head_dim 64): 256 tokens 18.0 -> 10.6 ms (64 rows), 1024 tokens 140 -> 54 ms (64),
-    2048 tokens 564 -> 206 ms (128); blocks of 64 or 128 were within 10 % of each other.
+    time). Measured with `benchmarks/attention.py` (forward + backward of SmolLM2-shaped
+    layers, 2-core CPU): over one block, 1.03x at 256 tokens, 1.27x at 1024, 1.50x at 2048;
+    blocks of 64 or 128 rows were within 20 % of each other.
 
     Example:
         >>> attention_chunk_rows(256), attention_chunk_rows(2048), attention_chunk_rows(48)
@@ -276,8 +276,6 @@ def init_random(
     Example:
         >>> model = init_random(tiny_config(), seed=0, dtype=jnp.float32)  # doctest: +SKIP
     """
-    check_scan_unroll(scan_unroll)
-    check_attention_chunk(attention_chunk)
 
     def make() -> Decoder:
         return Decoder(

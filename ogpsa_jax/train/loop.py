@@ -343,14 +343,19 @@ def _attach_ref_logps(batch: dict, table: dict[bytes, float]) -> dict:
 
 
 def _make_model(config: TrainConfig, inputs: _Inputs, mesh: Any, init_path: str | None) -> Any:
+    model = _build_model(config, inputs, mesh, init_path)
+    # How the forward runs (not what it computes): plain attributes of the decoder.
+    model.scan_unroll = config.model.scan_unroll
+    model.attention_chunk = config.model.attention_chunk
+    return model
+
+
+def _build_model(config: TrainConfig, inputs: _Inputs, mesh: Any, init_path: str | None) -> Any:
     from ogpsa_jax import models
 
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     if init_path is not None:
-        model = models.load_hf(init_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
-        model.scan_unroll = config.model.scan_unroll
-        model.attention_chunk = config.model.attention_chunk
-        return model
+        return models.load_hf(init_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     tok = inputs.tokenizer
     arch = config.model.arch
     if arch == "tiny":
@@ -364,13 +369,7 @@ def _make_model(config: TrainConfig, inputs: _Inputs, mesh: Any, init_path: str 
         ids["bos_token_id"] = tok.bos_token_id
     cfg = dataclasses.replace(cfg, **ids)
     return models.init_random(
-        cfg,
-        seed=config.seed,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        mesh=mesh,
-        scan_unroll=config.model.scan_unroll,
-        attention_chunk=config.model.attention_chunk,
+        cfg, seed=config.seed, dtype=dtype, param_dtype=param_dtype, mesh=mesh
     )
 
 
