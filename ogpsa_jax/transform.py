@@ -159,8 +159,10 @@ def _replace_basis(old: Basis, basis: Sequence[optax.Params]) -> Basis:
 
 
 # On CPU the coefficient reduction views each leaf as rows of this many elements along its last
-# axis (a free reshape; see `_coefficients`).
+# axis (a free reshape), and one reduction carries at most _CPU_GROUP coefficients (see
+# `_coefficients`).
 _CPU_ROW = 64
+_CPU_GROUP = 4
 
 
 def _add_tuples(a: tuple, b: tuple) -> tuple:
@@ -187,34 +189,42 @@ def _row_view_ok(x: jax.Array) -> bool:
 
 
 def _coefficients(g: jax.Array, us: Sequence[jax.Array]) -> list[jax.Array]:
-    """All k coefficients ``<g, u_i>`` in float32 from one pass over g.
+    """All k coefficients ``<g, u_i>`` in float32, reading g once (on CPU once per 4).
 
     One variadic reduction computes the k sums together, so g is read once (a bf16 g converted
     inside the loop) where k separate sums read it k times: at k = 2 the coefficients move 3
-    leaf-sized arrays instead of 4, at k = 8 9 instead of 16. On CPU the leaf is viewed as rows of
-    ``_CPU_ROW`` elements along its last axis (a reshape that moves nothing and keeps the
-    sharding of the leading axes) and the row sums are added afterwards: XLA:CPU's row
-    reductions vectorise there, and one reduction over the whole leaf runs ~1.3x slower
-    (``benchmarks/projection.py``). Elsewhere the whole leaf is one reduction (a minor-axis split
-    would relayout a TPU array). The sums stay float32 throughout.
+    leaf-sized arrays instead of 4, at k = 8 9 (CPU: 10) instead of 16. On CPU the leaf is
+    viewed as rows of ``_CPU_ROW`` elements along its last axis (a reshape that moves nothing
+    and keeps the sharding of the leading axes) and the row sums are added afterwards: XLA:CPU's row
+    reductions vectorise there, and one reduction over the whole leaf runs ~1.5x slower at
+    k = 2 (``benchmarks/projection.py``). A CPU reduction also carries at most 4 coefficients
+    (k = 8 as 4 + 4 re-reads g once but runs ~1.2x faster than one 8-way loop). Elsewhere the
+    whole leaf is one reduction (a minor-axis split would relayout a TPU array). The sums stay
+    float32 throughout.
     """
-    k = len(us)
-    zeros = tuple(jnp.zeros((), _F32) for _ in range(k))
 
-    def products(shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    def reduce(g: jax.Array, us: Sequence[jax.Array], shape, axes) -> tuple[jax.Array, ...]:
         g32 = g.astype(_F32).reshape(shape)
-        return tuple(g32 * u.astype(_F32).reshape(shape) for u in us)
+        products = tuple(g32 * u.astype(_F32).reshape(shape) for u in us)
+        zeros = tuple(jnp.zeros((), _F32) for _ in us)
+        return tuple(jax.lax.reduce(products, zeros, _add_tuples, axes))
 
     def whole() -> tuple[jax.Array, ...]:
-        return tuple(jax.lax.reduce(products(g.shape), zeros, _add_tuples, range(g.ndim)))
+        return reduce(g, us, g.shape, tuple(range(g.ndim)))
 
     if not all(_row_view_ok(x) for x in (g, *us)):
         return list(whole())
 
     def rows() -> tuple[jax.Array, ...]:
         shape = (*g.shape[:-1], g.shape[-1] // _CPU_ROW, _CPU_ROW)
-        partial = jax.lax.reduce(products(shape), zeros, _add_tuples, (g.ndim,))
-        return tuple(jnp.sum(p) for p in partial)
+        groups = np.array_split(np.arange(len(us)), -(-len(us) // _CPU_GROUP))
+        out = []
+        for group in groups:
+            g_i, us_i = g, [us[j] for j in group]
+            if len(groups) > 1:  # one reduction per group, each converting g in its own loop
+                g_i, us_i = jax.lax.optimization_barrier((g_i, us_i))
+            out.extend(jnp.sum(p) for p in reduce(g_i, us_i, shape, (g.ndim,)))
+        return tuple(out)
 
     return list(jax.lax.platform_dependent(cpu=rows, default=whole))
 
