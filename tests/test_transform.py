@@ -242,6 +242,29 @@ def test_one_pass_coefficients_match_float64(mode, k):
         assert "[8,3,64]" in text and "[6,4,64]" in text, text
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_gpu_tpu_lowering_reads_each_leaf_once_for_all_coefficients(platform):
+    """Lowered for GPU / TPU (``jax.export``, no device needed), each leaf's k coefficients are
+    one variadic reduction over the whole leaf (no row view, which would relayout a TPU array);
+    that branch's numerics are the odd-leaf case of the test above. A module exported for both
+    that platform and CPU runs here and equals the float64 projection."""
+    rng = np.random.default_rng(11)
+    shapes = {"w": (8, 128), "b": (5,), "t": (2, 3, 64)}
+    g = {n: jnp.asarray(rng.standard_normal(s), jnp.float32) for n, s in shapes.items()}
+    basis = og.capability_basis(
+        [jax.tree.map(lambda x: x + rng.standard_normal(x.shape), g) for _ in range(3)]
+    )
+    exported = jax.export.export(_project_jit, platforms=[platform, "cpu"])(g, basis)
+    text = jax.export.export(_project_jit, platforms=[platform])(g, basis).mlir_module()
+    reductions = [line for line in text.splitlines() if "stablehlo.reduce(" in line]
+    assert len(reductions) == len(shapes), reductions
+    for line, shape in zip(reductions, [shapes[n] for n in sorted(shapes)], strict=True):
+        operand = f"tensor<{'x'.join(map(str, shape))}xf32>"
+        assert line.count(operand) == 3 and line.count("-> (tensor<f32>, ") == 1, line
+    ref = _np_project(g, basis)
+    chex.assert_trees_all_close(exported.call(g, basis), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_projection_is_in_place_and_never_widens_g(dtype):
     """The compiled projection with a donated gradient writes into that buffer (no copy op)
