@@ -165,6 +165,16 @@ def _union(
     return _pad_cols(jnp.where(keep[None, :], q_IxC, 0.0), rank)
 
 
+def _replicated_if_explicit(fn: Callable) -> Callable:
+    """`fn` under GSPMD propagation with a replicated result when the ambient mesh has Explicit
+    axes: the estimators contract sharded dimensions (covariances, QR), which Explicit typing
+    refuses without per-op output shardings. The bases they return are small and replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return fn
+    return jax.sharding.auto_axes(fn, out_sharding=jax.P())
+
+
 def _vmap_n(fn: Callable, n: int) -> Callable:
     for _ in range(n):
         fn = jax.vmap(fn)
@@ -296,16 +306,17 @@ def matrix_basis_from_gradients(
             out.append(optax.MaskedNode())
             continue
         grads = tuple(jnp.asarray(leaves[j]) for leaves in per_tree)
+        leaf_fn = functools.partial(
+            _gradient_leaf,
+            axis=axis,
+            rank=rank,
+            max_dense_dim=max_dense_dim,
+            oversample=oversample,
+            power_iters=power_iters,
+        )
         out.append(
-            _gradient_leaf(
-                grads,
-                key,
-                axis=axis,
-                rank=rank,
-                energy=None if energy is None else jnp.float32(energy),
-                max_dense_dim=max_dense_dim,
-                oversample=oversample,
-                power_iters=power_iters,
+            _replicated_if_explicit(lambda g, k, e, f=leaf_fn: f(g, k, energy=e))(
+                grads, key, None if energy is None else jnp.float32(energy)
             )
         )
     return jax.tree.unflatten(treedef, out)
@@ -377,16 +388,16 @@ def matrix_basis_from_activations(
                 f"union_with leaf {j} has shape {jnp.shape(v_old)}, expected "
                 f"{shape[:-2] + (shape[-1], rank)}"
             )
+        leaf_fn = functools.partial(
+            _activation_leaf,
+            rank=rank,
+            max_dense_dim=max_dense_dim,
+            oversample=oversample,
+            power_iters=power_iters,
+        )
         out.append(
-            _activation_leaf(
-                jnp.asarray(x),
-                v_old,
-                key,
-                rank=rank,
-                energy=None if energy is None else jnp.float32(energy),
-                max_dense_dim=max_dense_dim,
-                oversample=oversample,
-                power_iters=power_iters,
+            _replicated_if_explicit(lambda a, v, k, e, f=leaf_fn: f(a, v, k, energy=e))(
+                jnp.asarray(x), v_old, key, None if energy is None else jnp.float32(energy)
             )
         )
     return jax.tree.unflatten(treedef, out)

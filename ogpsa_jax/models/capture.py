@@ -182,13 +182,17 @@ def capture_inputs(
         missing.append("lm_head")
     if missing:
         raise ValueError(f"params lacks {missing}: pass the decoder's params() dict")
-    idx_R, valid_R = sample_rows(attention_mask, rows, jax.random.key(0) if key is None else key)
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = not mesh.empty and AxisType.Explicit in mesh.axis_types
+    sample = lambda m, k: sample_rows(m, rows, k)  # noqa: E731
+    if explicit:  # top_k refuses a sharded axis: draw over the whole (replicated) batch
+        sample = jax.sharding.auto_axes(sample, out_sharding=(jax.P(), jax.P()))
+    idx_R, valid_R = sample(attention_mask, jax.random.key(0) if key is None else key)
 
     def run(p: dict[str, Any], ids: jax.Array, attn: jax.Array, idx: jax.Array, ok: jax.Array):
         return _capture(p, config, dtype, ids, attn, idx, ok, with_logits)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and AxisType.Explicit in mesh.axis_types:
+    if explicit:
         # As `Decoder.__call__`: GSPMD inside; the captured rows come back replicated.
         names = set(SITES.values())
         names |= set() if config.tie_word_embeddings else {"head_in"}

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType
+from jax.sharding import AxisType, PartitionSpec
 
 from ogpsa_jax.models.config import DecoderConfig
 from ogpsa_jax.models.sharding import fit_spec, param_shardings
@@ -199,7 +199,7 @@ class Decoder(nnx.Module):
             )
 
         out_shape = (*input_ids.shape, self.config.vocab_size)
-        return with_auto_axes(run, out_shape)(self.params(), input_ids, attention_mask)
+        return with_auto_axes(run, out_shape, input_ids)(self.params(), input_ids, attention_mask)
 
 
 def _check_int(name: str, value: Any, minimum: int, meaning: str) -> int:
@@ -235,17 +235,24 @@ def attention_chunk_rows(length: int, setting: int = -1) -> int:
     return 0 if rows >= length else rows
 
 
-def with_auto_axes(fn: Any, out_shape: tuple[int, ...]) -> Any:
+def with_auto_axes(fn: Any, out_shape: tuple[int, ...], batch_like: Any = None) -> Any:
     """Runs `fn` with GSPMD propagation when the ambient mesh has Explicit axes.
 
     The decoder's matmuls contract sharded dimensions, which Explicit-axis typing refuses
-    without per-op output shardings; inside `auto_axes` XLA chooses them. The result is
-    resharded to batch-over-`data` (replicated where `data` does not divide the batch).
+    without per-op output shardings; inside `auto_axes` XLA chooses them. The result's leading
+    (batch) axis is sharded like `batch_like`'s leading axis when that one is sharded (a
+    training batch split over `data` and `fsdp` gives logits split the same way, so the loss's
+    gather by token id needs no collective), else over `data` (replicated where `data` does not
+    divide the batch).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or AxisType.Explicit not in mesh.axis_types:
         return fn
     spec = fit_spec(("data",) + (None,) * (len(out_shape) - 1), out_shape, dict(mesh.shape))
+    if batch_like is not None:
+        batch_spec = getattr(jax.typeof(batch_like).sharding, "spec", None)
+        if batch_spec and batch_spec[0] is not None:
+            spec = PartitionSpec(batch_spec[0], *([None] * (len(out_shape) - 1)))
     return jax.sharding.auto_axes(fn, out_sharding=spec)
 
 

@@ -233,7 +233,8 @@ def make_train_step(
         first = jax.tree.map(lambda x: x[0], batch)
         aux0 = jax.eval_shape(lambda: micro_loss(params, first, ref_params)[1][1])
         zeros = (
-            jax.tree.map(lambda p: jnp.zeros(p.shape, _F32), params),
+            # zeros_like keeps each parameter's sharding (part of the type on Explicit axes)
+            jax.tree.map(lambda p: jnp.zeros_like(p, _F32), params),
             jnp.zeros((), _F32),
             jnp.zeros((), _F32),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0),
@@ -257,8 +258,9 @@ def make_train_step(
 
         def skip(operands: Any) -> Any:
             params, opt_state, grads = operands
-            zeros = lambda s: jnp.zeros(s.shape, s.dtype)
-            return params, opt_state, grads, jax.tree.map(zeros, shapes[3])
+            # zero updates shaped, typed and sharded like the parameters they would move
+            zeros = lambda p, s: jnp.zeros_like(p, s.dtype)
+            return params, opt_state, grads, jax.tree.map(zeros, params, shapes[3])
 
         # A non-finite step leaves params and opt state untouched. `lax.cond` (not a select of
         # new vs old) lets XLA update the donated buffers in place: a `jnp.where(ok, new, old)`
