@@ -10,6 +10,7 @@ orthogonal to the capability basis on every projected leaf.
 import dataclasses
 import math
 import os
+import re
 import signal
 
 import chex
@@ -19,14 +20,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from ogpsa_jax.basis import capability_basis
-from ogpsa_jax.models import init_random, load_hf, tiny_config
+from ogpsa_jax.models import init_random, load_hf, make_mesh, tiny_config
 from ogpsa_jax.train import EXIT_PREEMPTED, NonFiniteError, apply_overrides, preset, train
 from ogpsa_jax.train.config import StageConfig
 from ogpsa_jax.train.metrics import read_metrics
-from ogpsa_jax.train.step import make_optimizer, make_train_step, sft_micro_loss
+from ogpsa_jax.train.step import (
+    dpo_micro_loss,
+    make_optimizer,
+    make_train_step,
+    sft_micro_loss,
+)
 from ogpsa_jax.transform import get_basis, set_basis
 
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
@@ -272,3 +280,47 @@ def test_explicit_mesh_training_matches_auto(tmp_path, command, extra):
         np.testing.assert_allclose(
             p_expl[name].astype(np.float32), p_auto[name].astype(np.float32), rtol=0, atol=3e-4
         )
+
+
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_sharded_train_steps_lower_for_gpu_and_tpu(platform, axis_type):
+    """The SFT and DPO steps (OGPSA k = 2 + clip + AdamW, bf16 compute, batch over data x fsdp,
+    params over fsdp x tensor on a 2x2x2 mesh) lower for GPU and TPU through `jax.export` with no
+    device there: no CPU-only custom call, 8 devices, and every params / opt-state buffer
+    donated (updated in place on the accelerator)."""
+    mesh = make_mesh((2, 2, 2), axis_type=axis_type)
+    model = init_random(tiny_config(vocab_size=98), seed=0, dtype=jnp.bfloat16, mesh=mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    apply_fn = lambda p, ids, attn: nnx.merge(graphdef, p, rest)(ids, attn)
+    stage = StageConfig()
+    assert stage.ogpsa.enabled and stage.ogpsa.k == 2
+    proj, rest_tx = make_optimizer(stage, total_steps=10)
+    ids = np.random.default_rng(0).integers(3, 98, size=(2, 8, 16)).astype(np.int32)
+    rows = lambda x: jax.device_put(  # noqa: E731
+        x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2))))
+    )
+    sft_batch = {k: rows(v) for k, v in dict(input_ids=ids, attention_mask=ids > 0).items()}
+    sft_batch["attention_mask"] = sft_batch["attention_mask"].astype(jnp.int32)
+    sft_batch["loss_mask"] = sft_batch["attention_mask"]
+    dpo_batch = dict(sft_batch, ref_logps=rows(np.zeros((2, 8), np.float32)))
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(lambda p: (proj.init(p), rest_tx.init(p)))(params)
+        n_donated = len(jax.tree.leaves((params, opt_state)))
+        for loss, batch in (
+            (sft_micro_loss(apply_fn), sft_batch),
+            (dpo_micro_loss(apply_fn, stage), dpo_batch),
+        ):
+            step = jax.jit(make_train_step(loss, proj, rest_tx), donate_argnums=(0, 1))
+            exported = jax.export.export(step, platforms=[platform])(
+                params, opt_state, batch, jnp.float32(0), None
+            )
+            text = exported.mlir_module()
+            assert exported.platforms == (platform,) and exported.nr_devices == 8
+            targets = re.findall(r"custom_call @([\w.]+)", text)
+            cpu_only = [t for t in targets if re.search(r"cpu|lapack|ducc|onednn|ynn", t, re.I)]
+            assert not cpu_only, cpu_only
+            main = text[text.index("func.func public @main") :]
+            signature = main[: main.index("{\n")]
+            donated = signature.count("tf.aliasing_output") + signature.count("jax.buffer_donor")
+            assert donated == n_donated, (donated, n_donated)
