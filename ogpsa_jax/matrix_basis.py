@@ -168,7 +168,9 @@ def _union(
 def _replicated_if_explicit(fn: Callable) -> Callable:
     """`fn` under GSPMD propagation with a replicated result when the ambient mesh has Explicit
     axes: the estimators contract sharded dimensions (covariances, QR), which Explicit typing
-    refuses without per-op output shardings. The bases they return are small and replicated."""
+    refuses without per-op output shardings. The bases they return are small and replicated.
+    Used inside the jitted leaf estimators (jit's cache is keyed by the ambient mesh), with
+    every array an argument: a traced value closed over from outside keeps its Explicit type."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return fn
@@ -198,14 +200,17 @@ def _gradient_leaf(
 ) -> jax.Array:
     nb = batch_ndim(grads[0].ndim, axis)
 
-    def one(*gs: jax.Array) -> jax.Array:
-        if axis == nb:  # (d_in, *cols)
-            blocks, act = [g.reshape(g.shape[0], -1) for g in gs], False
-        else:  # (cols, d_in): the input axis is last
-            blocks, act = list(gs), True
-        return _fresh(blocks, act, rank, energy, max_dense_dim, oversample, power_iters, key)
+    def run(key: jax.Array, energy: jax.Array | None, *grads: jax.Array) -> jax.Array:
+        def one(*gs: jax.Array) -> jax.Array:
+            if axis == nb:  # (d_in, *cols)
+                blocks, act = [g.reshape(g.shape[0], -1) for g in gs], False
+            else:  # (cols, d_in): the input axis is last
+                blocks, act = list(gs), True
+            return _fresh(blocks, act, rank, energy, max_dense_dim, oversample, power_iters, key)
 
-    return _vmap_n(one, nb)(*grads)
+        return _vmap_n(one, nb)(*grads)
+
+    return _replicated_if_explicit(run)(key, energy, *grads)
 
 
 @functools.partial(
@@ -223,13 +228,18 @@ def _activation_leaf(
     oversample: int,
     power_iters: int,
 ) -> jax.Array:
-    if v_old is None:
-        one = lambda xb: _fresh(
-            [xb], True, rank, energy, max_dense_dim, oversample, power_iters, key
+    def run(key: jax.Array, energy: jax.Array | None, x: jax.Array, v_old: Any) -> jax.Array:
+        if v_old is None:
+            one = lambda xb: _fresh(
+                [xb], True, rank, energy, max_dense_dim, oversample, power_iters, key
+            )
+            return _vmap_n(one, x.ndim - 2)(x)
+        one = lambda xb, vb: _union(
+            xb, vb, rank, energy, max_dense_dim, oversample, power_iters, key
         )
-        return _vmap_n(one, x.ndim - 2)(x)
-    one = lambda xb, vb: _union(xb, vb, rank, energy, max_dense_dim, oversample, power_iters, key)
-    return _vmap_n(one, x.ndim - 2)(x, v_old)
+        return _vmap_n(one, x.ndim - 2)(x, v_old)
+
+    return _replicated_if_explicit(run)(key, energy, x, v_old)
 
 
 def _check_common(
@@ -306,17 +316,16 @@ def matrix_basis_from_gradients(
             out.append(optax.MaskedNode())
             continue
         grads = tuple(jnp.asarray(leaves[j]) for leaves in per_tree)
-        leaf_fn = functools.partial(
-            _gradient_leaf,
-            axis=axis,
-            rank=rank,
-            max_dense_dim=max_dense_dim,
-            oversample=oversample,
-            power_iters=power_iters,
-        )
         out.append(
-            _replicated_if_explicit(lambda g, k, e, f=leaf_fn: f(g, k, energy=e))(
-                grads, key, None if energy is None else jnp.float32(energy)
+            _gradient_leaf(
+                grads,
+                key,
+                axis=axis,
+                rank=rank,
+                energy=None if energy is None else jnp.float32(energy),
+                max_dense_dim=max_dense_dim,
+                oversample=oversample,
+                power_iters=power_iters,
             )
         )
     return jax.tree.unflatten(treedef, out)
@@ -388,16 +397,16 @@ def matrix_basis_from_activations(
                 f"union_with leaf {j} has shape {jnp.shape(v_old)}, expected "
                 f"{shape[:-2] + (shape[-1], rank)}"
             )
-        leaf_fn = functools.partial(
-            _activation_leaf,
-            rank=rank,
-            max_dense_dim=max_dense_dim,
-            oversample=oversample,
-            power_iters=power_iters,
-        )
         out.append(
-            _replicated_if_explicit(lambda a, v, k, e, f=leaf_fn: f(a, v, k, energy=e))(
-                jnp.asarray(x), v_old, key, None if energy is None else jnp.float32(energy)
+            _activation_leaf(
+                jnp.asarray(x),
+                v_old,
+                key,
+                rank=rank,
+                energy=None if energy is None else jnp.float32(energy),
+                max_dense_dim=max_dense_dim,
+                oversample=oversample,
+                power_iters=power_iters,
             )
         )
     return jax.tree.unflatten(treedef, out)
