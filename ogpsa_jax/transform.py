@@ -169,6 +169,17 @@ def _add_tuples(a: tuple, b: tuple) -> tuple:
     return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
+def _reduce_products(
+    g: jax.Array, us: Sequence[jax.Array], shape: tuple[int, ...], axes: Sequence[int]
+) -> tuple[jax.Array, ...]:
+    """The sums over ``axes`` of ``g * u_i`` (all viewed with ``shape``) for every ``u_i``, in
+    float32, as one variadic reduction: g is read once for all of them."""
+    g32 = g.astype(_F32).reshape(shape)
+    products = tuple(g32 * u.astype(_F32).reshape(shape) for u in us)
+    zeros = tuple(jnp.zeros((), _F32) for _ in us)
+    return tuple(jax.lax.reduce(products, zeros, _add_tuples, tuple(axes)))
+
+
 def _row_view_ok(x: jax.Array) -> bool:
     """Whether ``x`` can be viewed as rows of ``_CPU_ROW`` along its last axis: that axis is a
     multiple of it and, where its sharding is known (always on Explicit axes), every shard of
@@ -203,14 +214,8 @@ def _coefficients(g: jax.Array, us: Sequence[jax.Array]) -> list[jax.Array]:
     float32 throughout.
     """
 
-    def reduce(g: jax.Array, us: Sequence[jax.Array], shape, axes) -> tuple[jax.Array, ...]:
-        g32 = g.astype(_F32).reshape(shape)
-        products = tuple(g32 * u.astype(_F32).reshape(shape) for u in us)
-        zeros = tuple(jnp.zeros((), _F32) for _ in us)
-        return tuple(jax.lax.reduce(products, zeros, _add_tuples, axes))
-
     def whole() -> tuple[jax.Array, ...]:
-        return reduce(g, us, g.shape, tuple(range(g.ndim)))
+        return _reduce_products(g, us, g.shape, tuple(range(g.ndim)))
 
     if not all(_row_view_ok(x) for x in (g, *us)):
         return list(whole())
@@ -223,7 +228,7 @@ def _coefficients(g: jax.Array, us: Sequence[jax.Array]) -> list[jax.Array]:
             g_i, us_i = g, [us[j] for j in group]
             if len(groups) > 1:  # one reduction per group, each converting g in its own loop
                 g_i, us_i = jax.lax.optimization_barrier((g_i, us_i))
-            out.extend(jnp.sum(p) for p in reduce(g_i, us_i, shape, (g.ndim,)))
+            out.extend(jnp.sum(p) for p in _reduce_products(g_i, us_i, shape, (g.ndim,)))
         return tuple(out)
 
     return list(jax.lax.platform_dependent(cpu=rows, default=whole))
