@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import types
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ogpsa_jax import overrides
 
 METHODS = ("gram_schmidt", "svd", "gradient", "activation")
 FLAT_METHODS = ("gram_schmidt", "svd")
@@ -318,91 +317,17 @@ def preset(name: str) -> TrainConfig:
 # ----------------------------------------------------------------------------- overrides
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def field_names(cls: type | None = None, prefix: str = "") -> list[str]:
+    """All dotted field names of `TrainConfig` (or another config class)."""
+    return overrides.field_names(TrainConfig if cls is None else cls, prefix)
 
 
-def field_names(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """All dotted field names of a config dataclass (leaves and sub-configs)."""
-    names = []
-    for name, tp in _field_types(cls).items():
-        names.append(prefix + name)
-        if dataclasses.is_dataclass(tp):
-            names += field_names(tp, prefix + name + ".")
-    return names
-
-
-def _parse_scalar(text: str, tp: Any, name: str) -> Any:
-    if tp is bool:
-        low = text.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"{name}: expected a bool (true/false), got {text!r}")
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{name}: expected an int, got {text!r}") from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{name}: expected a float, got {text!r}") from None
-    if tp is str:
-        return text
-    raise ValueError(f"{name}: cannot parse a value of type {tp}")
-
-
-def _parse_value(text: str, tp: Any, name: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if text.strip().lower() in ("none", "null"):
-            return None
-        return _parse_value(text, args[0], name)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        text = text.strip()
-        if text.startswith("["):
-            items = [str(x) for x in json.loads(text)]
-        else:
-            items = [s.strip() for s in text.strip("()").split(",") if s.strip()]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_parse_scalar(s, args[0], name) for s in items)
-        if len(items) != len(args):
-            raise ValueError(f"{name}: expected {len(args)} comma-separated values, got {text!r}")
-        return tuple(_parse_scalar(s, a, name) for s, a in zip(items, args, strict=True))
-    return _parse_scalar(text, tp, name)
-
-
-def _set_path(obj: Any, path: list[str], text: str, full: str) -> Any:
-    hints = _field_types(type(obj))
-    head = path[0]
-    if head not in hints:
-        known = field_names(type(obj))
-        close = difflib.get_close_matches(full, field_names(), n=3) or difflib.get_close_matches(
-            head, known, n=3
-        )
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown config field {full!r}{hint}")
-    tp = hints[head]
-    if len(path) == 1:
-        if dataclasses.is_dataclass(tp):
-            raise ValueError(f"{full!r} is a group of fields; set one of its fields instead")
-        return dataclasses.replace(obj, **{head: _parse_value(text, tp, full)})
-    if not dataclasses.is_dataclass(tp):
-        raise ValueError(f"unknown config field {full!r}: {head!r} has no sub-fields")
-    return dataclasses.replace(obj, **{head: _set_path(getattr(obj, head), path[1:], text, full)})
-
-
-def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """Applies ``dotted.field=value`` strings, parsing values by the field annotations.
+def apply_overrides(config: TrainConfig, items: Sequence[str]) -> TrainConfig:
+    """Applies ``dotted.field=value`` strings (see `ogpsa_jax.overrides.apply_overrides`).
 
     Args:
         config: the starting config.
-        overrides: strings like ``"sft.ogpsa.k=4"``, ``"mesh=2,4,1"``, ``"model.dtype=bfloat16"``.
+        items: strings like ``"sft.ogpsa.k=4"``, ``"mesh=2,4,1"``, ``"model.dtype=bfloat16"``.
 
     Returns:
         The new config (not yet validated; call `validate`).
@@ -411,68 +336,20 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
         >>> apply_overrides(tiny(), ["sft.ogpsa.k=4"]).sft.ogpsa.k
         4
     """
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects field=value, got {item!r}")
-        key, text = item.split("=", 1)
-        config = _set_path(config, key.strip().split("."), text, key.strip())
-    return config
+    return overrides.apply_overrides(config, items)
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
     """JSON-ready dict of a config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    return overrides.to_dict(config)
 
 
 def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:
     """Inverse of `to_dict`; unknown keys are a ValueError."""
-    hints = _field_types(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise ValueError(f"unknown config field {key!r} for {cls.__name__}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(value, tp)
-        elif isinstance(value, list):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+    return overrides.from_dict(data, cls)
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _check_types(obj: Any, prefix: str = "") -> None:
-    for name, tp in _field_types(type(obj)).items():
-        value = getattr(obj, name)
-        full = prefix + name
-        if dataclasses.is_dataclass(tp):
-            _check_types(value, full + ".")
-            continue
-        origin = typing.get_origin(tp)
-        if origin in (typing.Union, types.UnionType):
-            if value is None:
-                continue
-            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
-            origin = typing.get_origin(tp)
-        if origin is tuple:
-            args = typing.get_args(tp)
-            elem = args[0]
-            ok = isinstance(value, tuple) and all(
-                isinstance(v, elem) and not (elem is int and isinstance(v, bool)) for v in value
-            )
-            if ok and not (len(args) == 2 and args[1] is Ellipsis):
-                ok = len(value) == len(args)
-        elif tp is float:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        elif tp is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, tp)
-        if not ok:
-            raise ValueError(f"config field {full!r}: expected {tp}, got {value!r}")
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -589,7 +466,7 @@ def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int,
     Raises:
         ValueError: naming the first bad field.
     """
-    _check_types(config)
+    overrides.check_types(config)
     stages = stages_of(command)
     _choice("model.init", config.model.init, ("random", "hf"))
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16"))
