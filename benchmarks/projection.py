@@ -49,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import ogpsa_jax as og  # noqa: E402
+from ogpsa_jax.projection._kernels import coefficients, reduce_products  # noqa: E402
 
 logger = logging.getLogger("benchmarks.projection")
 
@@ -164,13 +165,13 @@ def _separate_sums(g, us):
 
 def _whole_leaf(g, us):
     """The k coefficients as one variadic reduction over the whole leaf (the non-CPU path)."""
-    return list(og.transform._reduce_products(g, us, g.shape, range(g.ndim)))
+    return list(reduce_products(g, us, g.shape, range(g.ndim)))
 
 
 # The k coefficients of every leaf three ways, timed side by side: the library's one-pass
 # reduction (on CPU over rows of 64), one reduction over the whole leaf, k separate sums.
 COEFFICIENT_WAYS = {
-    "coef_library": _per_leaf(og.transform._coefficients),
+    "coef_library": _per_leaf(coefficients),
     "coef_whole": _per_leaf(_whole_leaf),
     "coef_separate": _per_leaf(_separate_sums),
 }

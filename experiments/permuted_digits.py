@@ -48,14 +48,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from ogpsa_jax.basis import capability_basis  # noqa: E402
-from ogpsa_jax.matrix import ogpsa_matrix  # noqa: E402
-from ogpsa_jax.matrix_basis import (  # noqa: E402
+from ogpsa_jax.bases import (  # noqa: E402
+    capability_basis,
     collect_inputs,
     matrix_basis_from_activations,
     matrix_basis_from_gradients,
 )
-from ogpsa_jax.transform import ogpsa, set_basis  # noqa: E402
+from ogpsa_jax.projection import ogpsa, ogpsa_matrix, set_basis  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +161,11 @@ def _bases(
             per_batch(), k=cfg.flat_svd_k, method="svd", energy=cfg.energy
         ),
         "matrix_gradient": lambda: matrix_basis_from_gradients(
-            per_batch(), rank=cfg.matrix_rank, energy=cfg.energy
+            per_batch(), k=cfg.matrix_rank, energy=cfg.energy
         ),
         "matrix_activation": lambda: matrix_basis_from_activations(
             collect_inputs(lambda x: _layer_inputs(params, x), [x_ref]),
-            rank=cfg.matrix_rank,
+            k=cfg.matrix_rank,
             energy=cfg.energy,
         ),
     }

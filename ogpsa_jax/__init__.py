@@ -1,14 +1,22 @@
 """ogpsa_jax: Orthogonal Gradient Projection for Safety Alignment, in JAX.
 
 Public names are re-exported here; everything else is private to its module. Subpackages:
-``ogpsa_jax.models`` (decoders, HF/GGUF I/O, generation), ``ogpsa_jax.data`` (chat rendering,
-sources, batching), ``ogpsa_jax.train`` (SFT/DPO steps, loop, checkpoints), ``ogpsa_jax.eval``
-(prompt sets, judges, evaluators) and ``ogpsa_jax.experiment`` (the alignment-tax demo).
+``ogpsa_jax.projection`` (the optax transforms, flat and matrix, and their states),
+``ogpsa_jax.bases`` (estimators of the capability subspace), ``ogpsa_jax.models`` (decoders,
+HF/GGUF I/O, generation), ``ogpsa_jax.data`` (chat rendering, sources, batching),
+``ogpsa_jax.train`` (SFT/DPO steps, loop, checkpoints), ``ogpsa_jax.eval`` (prompt sets, judges,
+evaluators) and ``ogpsa_jax.experiment`` (reusable study pieces).
 """
 
 __version__ = "0.1.0"
 
-from ogpsa_jax.basis import capability_basis, reference_gradients
+from ogpsa_jax.bases import (
+    capability_basis,
+    collect_inputs,
+    matrix_basis_from_activations,
+    matrix_basis_from_gradients,
+    reference_gradients,
+)
 from ogpsa_jax.data import (
     Batches,
     PreferencePair,
@@ -25,12 +33,6 @@ from ogpsa_jax.eval import (
     refusal_judge,
     refusal_rate,
 )
-from ogpsa_jax.matrix import MatrixOGPSAState, basis_nbytes, ogpsa_matrix
-from ogpsa_jax.matrix_basis import (
-    collect_inputs,
-    matrix_basis_from_activations,
-    matrix_basis_from_gradients,
-)
 from ogpsa_jax.models import (
     Decoder,
     DecoderConfig,
@@ -41,15 +43,21 @@ from ogpsa_jax.models import (
     sequence_logprobs,
 )
 from ogpsa_jax.models.capture import CapturedInputs, capture_inputs
-from ogpsa_jax.train import TrainConfig, dpo_loss
-from ogpsa_jax.transform import (
+from ogpsa_jax.projection import (
+    MatrixOGPSAState,
     OGPSAState,
+    basis_nbytes,
     get_basis,
     ogpsa,
     ogpsa_adamw,
+    ogpsa_matrix,
+    ogpsa_matrix_adamw,
     project,
+    project_matrix,
+    residual_max,
     set_basis,
 )
+from ogpsa_jax.train import TrainConfig, dpo_loss
 
 __all__ = [
     "Batches",
@@ -81,11 +89,14 @@ __all__ = [
     "ogpsa",
     "ogpsa_adamw",
     "ogpsa_matrix",
+    "ogpsa_matrix_adamw",
     "project",
+    "project_matrix",
     "reference_gradients",
     "refusal_judge",
     "refusal_rate",
     "render_chat",
+    "residual_max",
     "save_hf",
     "sequence_logprobs",
     "set_basis",

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ogpsa_jax.matrix import ogpsa_matrix
-from ogpsa_jax.matrix_basis import matrix_basis_from_activations
+from ogpsa_jax.bases import matrix_basis_from_activations
 from ogpsa_jax.models import DecoderConfig, init_random, make_mesh, tiny_config
 from ogpsa_jax.models.capture import capture_inputs, inputs_like, sample_rows, stack_rows
 from ogpsa_jax.models.decoder import forward
+from ogpsa_jax.projection import ogpsa_matrix
 
 CFG = DecoderConfig(
     architecture="qwen2",
@@ -206,7 +206,7 @@ def test_inputs_like_feeds_the_matrix_basis_of_an_nnx_state(setup):
     acts = inputs_like(state, rows, mask=no_v)
     # The basis tree is accepted by the transform's state built on the same nnx.State.
     opt = ogpsa_matrix(5, mask=no_v).init(state)
-    opt = opt.with_basis(matrix_basis_from_activations(acts, rank=5))
+    opt = opt.with_basis(matrix_basis_from_activations(acts, k=5))
     got = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(opt.basis)[0]}
     want = {f"layers/{n}" for n in SITE_OF if n != "v_proj"} | {"lm_head"}
     assert set(got) == want
@@ -219,7 +219,7 @@ def test_inputs_like_feeds_the_matrix_basis_of_an_nnx_state(setup):
     # GPM's point: with the full input span protected, a projected change of down_proj leaves
     # that layer's output on every captured row unchanged.
     x = rows["layers"]["down_proj"]  # (L, 40, 71): 40 rows (7 zero) < 71 inputs
-    v = matrix_basis_from_activations({"x": x}, rank=x.shape[1])["x"]
+    v = matrix_basis_from_activations({"x": x}, k=x.shape[1])["x"]
     g = jax.random.normal(jax.random.key(0), (CFG.num_layers, CFG.intermediate_size, 13))
     pg = g - jnp.einsum("lir,ljr,ljo->lio", v, v, g)
     before = jnp.linalg.norm(jnp.einsum("lni,lio->lno", x, g))

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ogpsa_jax.matrix import MatrixOGPSAState
 from ogpsa_jax.models import init_random, make_mesh, tiny_config
+from ogpsa_jax.projection import MatrixOGPSAState, get_basis
 from ogpsa_jax.train import apply_overrides, preset, train
 from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.activation import make_activation_refresh, rows_per_batch
@@ -25,7 +25,6 @@ from ogpsa_jax.train.config import validate
 from ogpsa_jax.train.loop import _load_inputs, _place, _rows_sharding
 from ogpsa_jax.train.metrics import read_metrics
 from ogpsa_jax.train.step import make_optimizer
-from ogpsa_jax.transform import get_basis
 
 RANK, ENERGY = 11, 0.8
 OVERRIDES = [

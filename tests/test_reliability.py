@@ -27,18 +27,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
-from ogpsa_jax.basis import capability_basis
+from ogpsa_jax.bases import capability_basis, matrix_basis_from_gradients
 from ogpsa_jax.cli import EXIT_BAD_INPUT, main
-from ogpsa_jax.matrix import ogpsa_matrix
-from ogpsa_jax.matrix_basis import matrix_basis_from_gradients
 from ogpsa_jax.models import make_mesh, tiny_config
+from ogpsa_jax.projection import get_basis, ogpsa, ogpsa_matrix, set_basis
 from ogpsa_jax.train import NonFiniteError, OGPSAConfig, apply_overrides, preset, train
 from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.config import to_dict
 from ogpsa_jax.train.loop import _fault_drill, _make_refresh, _prepare_output_dir
 from ogpsa_jax.train.metrics import MetricsLog, read_metrics
 from ogpsa_jax.train.step import make_train_step
-from ogpsa_jax.transform import get_basis, ogpsa, set_basis
 
 F32 = jnp.float32
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
@@ -217,7 +215,7 @@ def test_degenerate_matrix_basis_and_all_masked_leaves(tmp_path):
         {"w_zero": jnp.zeros((6, 4), F32), "w_rank1": jnp.asarray(col * rng.normal(size=(1, 4)))}
         for _ in range(3)
     ]
-    vb = matrix_basis_from_gradients(grads, rank=3)
+    vb = matrix_basis_from_gradients(grads, k=3)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(vb))
     assert not bool(jnp.any(vb["w_zero"] != 0))
     col_norms = np.linalg.norm(np.asarray(vb["w_rank1"]), axis=0)
@@ -233,7 +231,7 @@ def test_degenerate_matrix_basis_and_all_masked_leaves(tmp_path):
     # and the (basis-free) optimizer state checkpoints and restores.
     none = lambda p: jax.tree.map(lambda _: False, p)
     full_basis = capability_basis([g, jax.tree.map(lambda x: 2 * x + 1, g)], k=2)
-    masked_vb = matrix_basis_from_gradients(grads, rank=3, mask=none)
+    masked_vb = matrix_basis_from_gradients(grads, k=3, mask=none)
     for tx, basis in ((ogpsa(2, mask=none), full_basis), (ogpsa_matrix(3, mask=none), masked_vb)):
         state = set_basis(tx.init(g), basis)
         assert jax.tree.leaves(state) == []

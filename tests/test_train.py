@@ -24,8 +24,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
-from ogpsa_jax.basis import capability_basis
+from ogpsa_jax.bases import capability_basis
 from ogpsa_jax.models import init_random, load_hf, make_mesh, tiny_config
+from ogpsa_jax.projection import get_basis, set_basis
 from ogpsa_jax.train import EXIT_PREEMPTED, NonFiniteError, apply_overrides, preset, train
 from ogpsa_jax.train.config import StageConfig
 from ogpsa_jax.train.metrics import read_metrics
@@ -35,7 +36,6 @@ from ogpsa_jax.train.step import (
     make_train_step,
     sft_micro_loss,
 )
-from ogpsa_jax.transform import get_basis, set_basis
 
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
 

@@ -20,7 +20,7 @@ rows when the batch has fewer real tokens. Zero rows carry no energy, so
 
 Example:
     >>> cap = capture_inputs(model.params(), model.config, ids, mask, rows=64)  # doctest: +SKIP
-    >>> basis = matrix_basis_from_activations(cap.inputs, rank=16)  # doctest: +SKIP
+    >>> basis = matrix_basis_from_activations(cap.inputs, k=16)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType
 
-from ogpsa_jax.matrix import resolve_dims
 from ogpsa_jax.models.config import DecoderConfig
 from ogpsa_jax.models.decoder import (
     _block,
@@ -44,6 +43,7 @@ from ogpsa_jax.models.decoder import (
     layer_param_shapes,
     rope_tables,
 )
+from ogpsa_jax.projection import resolve_dims
 
 logger = logging.getLogger(__name__)
 

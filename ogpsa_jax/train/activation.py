@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ogpsa_jax.matrix_basis import matrix_basis_from_activations
+from ogpsa_jax.bases import matrix_basis_from_activations
 from ogpsa_jax.models.capture import capture_inputs, inputs_like, stack_rows
 from ogpsa_jax.train.config import OGPSAConfig
 from ogpsa_jax.train.losses import token_nll
@@ -138,7 +138,7 @@ def make_activation_refresh(
     base_key = jax.random.key(seed)
 
     def refresh(params: Any, opt_state: Any) -> tuple[Any, dict]:
-        from ogpsa_jax.transform import get_basis, set_basis
+        from ogpsa_jax.projection import get_basis, set_basis
 
         t0 = time.perf_counter()
         per_batch, nll, count = [], 0.0, 0.0
@@ -157,7 +157,7 @@ def make_activation_refresh(
                 if j is not None and old[j] is None:
                     old[j] = v
         distinct_basis = matrix_basis_from_activations(
-            stack_rows(per_batch), rank=og.k, energy=energy, union_with=old, seed=seed
+            stack_rows(per_batch), k=og.k, energy=energy, union_with=old, seed=seed
         )
         # each leaf gets its own buffer: the train step donates the basis leaf by leaf
         used: set[int] = set()

@@ -612,8 +612,8 @@ def _run_stage(
 
 def _make_refresh(apply_fn: Callable, og: Any, groups: list, param_sh: Any, mesh: Any) -> Callable:
     """``refresh(params, opt_state) -> (opt_state with a new basis, metrics)``."""
-    from ogpsa_jax.basis import capability_basis
-    from ogpsa_jax.transform import set_basis
+    from ogpsa_jax.bases import capability_basis
+    from ogpsa_jax.projection import set_basis
 
     replicated = NamedSharding(mesh, P())
     rows_sh = _rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
@@ -636,10 +636,10 @@ def _make_refresh(apply_fn: Callable, og: Any, groups: list, param_sh: Any, mesh
     @partial(jax.jit, out_shardings=None)
     def basis_jit(grads: list) -> Any:
         if og.method == "gradient":
-            from ogpsa_jax.matrix_basis import matrix_basis_from_gradients
+            from ogpsa_jax.bases import matrix_basis_from_gradients
 
             basis = matrix_basis_from_gradients(
-                grads, rank=og.k, energy=energy, mask=param_mask(og.mask)
+                grads, k=og.k, energy=energy, mask=param_mask(og.mask)
             )
         else:
             basis = capability_basis(grads, k=og.k, method=og.method, energy=energy)

@@ -102,7 +102,7 @@ def make_optimizer(
     Returns:
         (projection, rest). Their chain equals ``ogpsa_adamw(...)`` for the adamw optimiser.
     """
-    from ogpsa_jax.transform import ogpsa
+    from ogpsa_jax.projection import ogpsa
 
     og = stage.ogpsa
     mask = param_mask(og.mask)
@@ -111,7 +111,7 @@ def make_optimizer(
     elif og.method in FLAT_METHODS:
         proj = ogpsa(og.k, strength=og.strength, conflict_only=og.conflict_only, mask=mask)
     else:
-        from ogpsa_jax.matrix import ogpsa_matrix
+        from ogpsa_jax.projection import ogpsa_matrix
 
         if og.conflict_only:
             raise ValueError(f"ogpsa.conflict_only is not supported by method {og.method!r}")
@@ -140,13 +140,9 @@ def _max_residual(pg: Any, proj_state: Any) -> jax.Array:
     """What the projected gradient still has along the protected directions: max over leaves
     and directions of |<Pg, u_i>| (flat basis) or of |V^T Pg| (matrix basis, the decoder's
     default input axes, as training builds it); 0 when OGPSA is off."""
-    from ogpsa_jax import matrix, transform
+    from ogpsa_jax.projection import residual_max
 
-    if isinstance(proj_state, matrix.MatrixOGPSAState):
-        return matrix.residual_max(pg, proj_state.basis)
-    if isinstance(proj_state, transform.OGPSAState):
-        return transform.residual_max(pg, proj_state.basis)
-    return jnp.zeros((), _F32)
+    return residual_max(pg, proj_state)
 
 
 def sft_micro_loss(

@@ -1,24 +1,22 @@
-"""Estimating matrix (input-space) bases for :func:`ogpsa_jax.matrix.ogpsa_matrix`.
+"""Estimating matrix (input-space) bases for `ogpsa_jax.projection.ogpsa_matrix`.
 
 Two estimators, each jitted per leaf shape, each returning a tree that ``set_basis`` (or
 ``update(..., basis=)``) accepts:
 
-- :func:`matrix_basis_from_gradients`: per leaf, the top left-singular directions (input axis)
-  of the stacked reference-gradient matrix ``M = [G_1 | G_2 | ... | G_N]`` (d_in x N d_out).
-- :func:`matrix_basis_from_activations` (GPM): per linear layer, the top right-singular
-  directions of its input activations ``X`` (n_samples x d_in) on the reference set, with
-  GPM's energy-threshold rank and its accumulation across tasks (``union_with=``).
+- `matrix_basis_from_gradients`: per leaf, the top left-singular directions (input axis) of the
+  stacked reference-gradient matrix ``M = [G_1 | G_2 | ... | G_N]`` (d_in x N d_out).
+- `matrix_basis_from_activations` (GPM): per linear layer, the top right-singular directions of
+  its input activations ``X`` (n_samples x d_in) on the reference set, with GPM's
+  energy-threshold rank and its accumulation across tasks (``union_with=``); `collect_inputs`
+  gathers those activations.
 
-Both work through ``M M^T`` only when ``d_in <= max_dense_dim`` (exact; a d_in x d_in matrix),
-and otherwise through a randomized range finder with power iterations whose only dense
-factorisation is an l x l eigendecomposition (l = rank + oversample). Products with ``M`` are
-einsums over the blocks as given, so no concatenated copy of the gradients is formed.
+The linear algebra (exact through ``M M^T`` up to ``max_dense_dim``, a randomized range finder
+above) is `ogpsa_jax.bases._subspace`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,143 +24,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ogpsa_jax.matrix import DimsSpec, batch_ndim, resolve_dims
-
-logger = logging.getLogger(__name__)
+from ogpsa_jax.bases._subspace import fresh, union
+from ogpsa_jax.projection.dims import DimsSpec, batch_ndim, resolve_dims
 
 _F32 = jnp.float32
-_HIGHEST = jax.lax.Precision.HIGHEST
-# Directions whose squared singular value is below this fraction of the largest are dropped
-# (zero columns): in float32 they are numerical noise and carry < 1e-6 of the energy.
-_REL_EIG_TOL = 1e-6
 
 
 def _is_skip(x: Any) -> bool:
     return x is None or isinstance(x, optax.MaskedNode)
-
-
-def _ein(sub: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(sub, a, b, precision=_HIGHEST, preferred_element_type=_F32)
-
-
-# A block of M is either a gradient G (d_in x C: M_b = G) or activations X (n x d_in:
-# M_b = X^T). These three products are all the estimators need.
-def _cov(block: jax.Array, act: bool) -> jax.Array:
-    return _ein("ni,nj->ij" if act else "ic,jc->ij", block, block)
-
-
-def _m_times(block: jax.Array, omega: jax.Array, act: bool) -> jax.Array:
-    return _ein("ni,nk->ik" if act else "ic,ck->ik", block, omega)
-
-
-def _mt_times(block: jax.Array, q_IxL: jax.Array, act: bool) -> jax.Array:
-    return _ein("ni,ik->nk" if act else "ic,ik->ck", block, q_IxL)
-
-
-def _top_left(
-    blocks: Sequence[jax.Array],
-    act: bool,
-    n_dirs: int,
-    max_dense_dim: int,
-    power_iters: int,
-    key: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Top-``n_dirs`` left singular vectors (d_in x n_dirs) and squared singular values of M."""
-    d_in = blocks[0].shape[-1 if act else 0]
-    if d_in <= max_dense_dim:
-        cov_IxI = sum(_cov(b, act) for b in blocks)
-        eig_I, vec_IxI = jnp.linalg.eigh(cov_IxI)
-        return vec_IxI[:, ::-1][:, :n_dirs], jnp.maximum(eig_I[::-1][:n_dirs], 0.0)
-    keys = jax.random.split(key, len(blocks))
-    y_IxL = sum(
-        _m_times(b, jax.random.normal(k, (b.shape[0 if act else 1], n_dirs), _F32), act)
-        for b, k in zip(blocks, keys, strict=True)
-    )
-    q_IxL = jnp.linalg.qr(y_IxL)[0]
-    for _ in range(power_iters):
-        y_IxL = sum(_m_times(b, _mt_times(b, q_IxL, act), act) for b in blocks)
-        q_IxL = jnp.linalg.qr(y_IxL)[0]
-    zs = [_mt_times(b, q_IxL, act) for b in blocks]
-    gram_LxL = sum(_ein("ck,cj->kj", z, z) for z in zs)
-    eig_L, w_LxL = jnp.linalg.eigh(gram_LxL)
-    u_IxL = _ein("ik,kj->ij", q_IxL, w_LxL[:, ::-1])
-    return u_IxL, jnp.maximum(eig_L[::-1], 0.0)
-
-
-def _energy_count(s2: jax.Array, total: jax.Array, energy: float | None, cap: int) -> jax.Array:
-    """GPM's rule: smallest r with cumulative energy >= energy * total (capped)."""
-    if energy is None:
-        return jnp.asarray(cap)
-    below = jnp.sum(jnp.cumsum(s2) < energy * total)
-    return jnp.minimum(below + 1, cap)
-
-
-def _pad_cols(v: jax.Array, rank: int) -> jax.Array:
-    return jnp.pad(v, [(0, 0), (0, rank - v.shape[1])]) if v.shape[1] < rank else v
-
-
-def _fresh(
-    blocks: Sequence[jax.Array],
-    act: bool,
-    rank: int,
-    energy: float | None,
-    max_dense_dim: int,
-    oversample: int,
-    power_iters: int,
-    key: jax.Array,
-) -> jax.Array:
-    d_in = blocks[0].shape[-1 if act else 0]
-    m = sum(b.shape[0 if act else 1] for b in blocks)
-    r_max = min(rank, d_in, m)
-    n_dirs = r_max if d_in <= max_dense_dim else min(r_max + oversample, d_in, m)
-    u_IxL, s2 = _top_left(blocks, act, n_dirs, max_dense_dim, power_iters, key)
-    total = sum(jnp.sum(jnp.square(b.astype(_F32))) for b in blocks)
-    r = _energy_count(s2, total, energy, r_max)
-    idx = jnp.arange(n_dirs)
-    keep = (idx < r) & (s2 > _REL_EIG_TOL * s2[0]) & (s2 > 0)
-    v = jnp.where(keep[None, :], u_IxL, 0.0)[:, :r_max]
-    return _pad_cols(v, rank)
-
-
-def _union(
-    x_NxI: jax.Array,
-    v_old: jax.Array,
-    rank: int,
-    energy: float | None,
-    max_dense_dim: int,
-    oversample: int,
-    power_iters: int,
-    key: jax.Array,
-) -> jax.Array:
-    """GPM accumulation: add the residual's top directions to the old basis, capped at rank."""
-    d_in = x_NxI.shape[1]
-    v_old = v_old.astype(_F32)
-    old_keep = jnp.sum(jnp.square(v_old), axis=0) > 0.5
-    v_old = jnp.where(old_keep[None, :], v_old, 0.0)
-    r_old = jnp.sum(old_keep)
-    x = x_NxI.astype(_F32)
-    resid_NxI = x - _ein("nr,ir->ni", _ein("ni,ir->nr", x, v_old), v_old)
-    total = jnp.sum(jnp.square(x))
-    captured = total - jnp.sum(jnp.square(resid_NxI))
-    r_max = min(rank, d_in, x.shape[0])
-    n_dirs = r_max if d_in <= max_dense_dim else min(r_max + oversample, d_in, x.shape[0])
-    u_IxL, s2 = _top_left([resid_NxI], True, n_dirs, max_dense_dim, power_iters, key)
-    cap = jnp.maximum(min(rank, d_in) - r_old, 0)
-    if energy is None:
-        r_add = cap
-    else:
-        need = energy * total - captured
-        r_add = jnp.where(need > 0, jnp.sum(jnp.cumsum(s2) < need) + 1, 0)
-        r_add = jnp.minimum(r_add, cap)
-    idx = jnp.arange(n_dirs)
-    new_keep = (idx < r_add) & (s2 > _REL_EIG_TOL * total)
-    cand_IxC = jnp.concatenate([v_old, u_IxL], axis=1)
-    keep = jnp.concatenate([old_keep, new_keep])
-    order = jnp.argsort(jnp.where(keep, 0, 1), stable=True)[: min(rank, d_in)]
-    cand_IxC, keep = cand_IxC[:, order], keep[order]
-    q_IxC, r_CxC = jnp.linalg.qr(jnp.where(keep[None, :], cand_IxC, 0.0))
-    q_IxC = q_IxC * jnp.where(jnp.diagonal(r_CxC) < 0, -1.0, 1.0)[None, :]
-    return _pad_cols(jnp.where(keep[None, :], q_IxC, 0.0), rank)
 
 
 def _replicated_if_explicit(fn: Callable) -> Callable:
@@ -185,14 +54,14 @@ def _vmap_n(fn: Callable, n: int) -> Callable:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("axis", "rank", "max_dense_dim", "oversample", "power_iters"),
+    static_argnames=("axis", "k", "max_dense_dim", "oversample", "power_iters"),
 )
 def _gradient_leaf(
     grads: tuple[jax.Array, ...],
     key: jax.Array,
     *,
     axis: int,
-    rank: int,
+    k: int,
     energy: jax.Array | None,
     max_dense_dim: int,
     oversample: int,
@@ -206,7 +75,7 @@ def _gradient_leaf(
                 blocks, act = [g.reshape(g.shape[0], -1) for g in gs], False
             else:  # (cols, d_in): the input axis is last
                 blocks, act = list(gs), True
-            return _fresh(blocks, act, rank, energy, max_dense_dim, oversample, power_iters, key)
+            return fresh(blocks, act, k, energy, max_dense_dim, oversample, power_iters, key)
 
         return _vmap_n(one, nb)(*grads)
 
@@ -215,14 +84,14 @@ def _gradient_leaf(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("rank", "max_dense_dim", "oversample", "power_iters"),
+    static_argnames=("k", "max_dense_dim", "oversample", "power_iters"),
 )
 def _activation_leaf(
     x: jax.Array,
     v_old: jax.Array | None,
     key: jax.Array,
     *,
-    rank: int,
+    k: int,
     energy: jax.Array | None,
     max_dense_dim: int,
     oversample: int,
@@ -230,23 +99,21 @@ def _activation_leaf(
 ) -> jax.Array:
     def run(key: jax.Array, energy: jax.Array | None, x: jax.Array, v_old: Any) -> jax.Array:
         if v_old is None:
-            one = lambda xb: _fresh(
-                [xb], True, rank, energy, max_dense_dim, oversample, power_iters, key
+            one = lambda xb: fresh(
+                [xb], True, k, energy, max_dense_dim, oversample, power_iters, key
             )
             return _vmap_n(one, x.ndim - 2)(x)
-        one = lambda xb, vb: _union(
-            xb, vb, rank, energy, max_dense_dim, oversample, power_iters, key
-        )
+        one = lambda xb, vb: union(xb, vb, k, energy, max_dense_dim, oversample, power_iters, key)
         return _vmap_n(one, x.ndim - 2)(x, v_old)
 
     return _replicated_if_explicit(run)(key, energy, x, v_old)
 
 
 def _check_common(
-    rank: Any, energy: Any, max_dense_dim: Any, oversample: Any, power_iters: Any
+    k: Any, energy: Any, max_dense_dim: Any, oversample: Any, power_iters: Any
 ) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if energy is not None and not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
         raise ValueError(f"energy must be None or a float in (0, 1], got {energy!r}")
     for name, value in (
@@ -261,7 +128,7 @@ def _check_common(
 def matrix_basis_from_gradients(
     ref_grads: Sequence[optax.Params],
     *,
-    rank: int,
+    k: int,
     energy: float | None = None,
     dims: DimsSpec = None,
     mask: Any = None,
@@ -275,25 +142,30 @@ def matrix_basis_from_gradients(
     Args:
       ref_grads: list/tuple of N gradient trees with the parameters' structure (e.g. from
         ``reference_gradients``; one per reference batch or set).
-      rank: columns per ``V`` (static); directions beyond the data's rank are zero columns.
-      energy: ``None`` for ``rank`` directions, or a fraction in (0, 1]: the smallest r whose
-        directions carry that fraction of ``||M||_F^2`` (capped at ``rank``).
-      dims: input axis per leaf, as for :func:`ogpsa_jax.matrix.ogpsa_matrix` (use the same).
-      mask: as for :func:`ogpsa_jax.matrix.ogpsa_matrix`.
+      k: columns per ``V`` (static); directions beyond the data's rank are zero columns.
+      energy: ``None`` for ``k`` directions, or a fraction in (0, 1]: the smallest r whose
+        directions carry that fraction of ``||M||_F^2`` (capped at ``k``).
+      dims: input axis per leaf, as for `ogpsa_jax.projection.ogpsa_matrix` (use the same).
+      mask: as for `ogpsa_jax.projection.ogpsa_matrix`.
       max_dense_dim: largest d_in solved exactly via the d_in x d_in matrix ``M M^T``.
       oversample: extra random directions for the randomized range finder (larger d_in).
       power_iters: power iterations of the randomized range finder.
       seed: seed of the random test matrices.
 
     Returns:
-      A tree with the parameters' structure: ``V`` (float32, ``(*batch, d_in, rank)``) per
+      A tree with the parameters' structure: ``V`` (float32, ``(*batch, d_in, k)``) per
       projected leaf, ``optax.MaskedNode()`` elsewhere.
 
     Example:
-      >>> grads = [jax.grad(loss)(params, b) for b in ref_batches]  # doctest: +SKIP
-      >>> state = set_basis(state, matrix_basis_from_gradients(grads, rank=8))  # doctest: +SKIP
+      >>> g1 = {"w": jnp.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])}
+      >>> g2 = {"w": jnp.array([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0]])}
+      >>> v = matrix_basis_from_gradients([g1, g2], k=3)["w"]  # (d_in=3, k=3)
+      >>> jnp.round(jnp.abs(v), 3)  # the two input directions the gradients use, then zero
+      Array([[0., 1., 0.],
+             [1., 0., 0.],
+             [0., 0., 0.]], dtype=float32)
     """
-    _check_common(rank, energy, max_dense_dim, oversample, power_iters)
+    _check_common(k, energy, max_dense_dim, oversample, power_iters)
     if not isinstance(ref_grads, (list, tuple)) or not ref_grads:
         raise ValueError("ref_grads must be a non-empty list or tuple of gradient trees")
     leaves0, treedef = jax.tree.flatten(ref_grads[0], is_leaf=_is_skip)
@@ -321,7 +193,7 @@ def matrix_basis_from_gradients(
                 grads,
                 key,
                 axis=axis,
-                rank=rank,
+                k=k,
                 energy=None if energy is None else jnp.float32(energy),
                 max_dense_dim=max_dense_dim,
                 oversample=oversample,
@@ -334,7 +206,7 @@ def matrix_basis_from_gradients(
 def matrix_basis_from_activations(
     activations: Any,
     *,
-    rank: int,
+    k: int,
     energy: float | None = None,
     union_with: Any = None,
     max_dense_dim: int = 2048,
@@ -349,14 +221,14 @@ def matrix_basis_from_activations(
         of a linear layer, shape ``(*batch, n_samples, d_in)`` (``*batch`` = the parameter's
         batch axes, e.g. the stacked layer axis); ``None``/``MaskedNode`` leaves are skipped.
         Zero rows (padding) carry no energy and change nothing.
-      rank: columns per ``V`` (static).
-      energy: ``None`` for ``rank`` directions, or GPM's threshold in (0, 1]: the smallest r
-        whose directions carry that fraction of ``||X||_F^2`` (capped at ``rank``).
-      union_with: optional previous basis (same tree, ``V`` of shape ``(*batch, d_in, rank)``,
+      k: columns per ``V`` (static).
+      energy: ``None`` for ``k`` directions, or GPM's threshold in (0, 1]: the smallest r
+        whose directions carry that fraction of ``||X||_F^2`` (capped at ``k``).
+      union_with: optional previous basis (same tree, ``V`` of shape ``(*batch, d_in, k)``,
         orthonormal or zero columns): GPM's accumulation. The activations are projected off
         it; new residual directions are added until the captured energy reaches ``energy``
         (all free columns when ``energy`` is None), the result re-orthonormalised, capped at
-        ``rank``; old directions are kept.
+        ``k``; old directions are kept.
       max_dense_dim: largest d_in solved exactly via the d_in x d_in matrix ``X^T X``.
       oversample: extra random directions for the randomized range finder (larger d_in).
       power_iters: power iterations of the randomized range finder.
@@ -364,15 +236,19 @@ def matrix_basis_from_activations(
 
     Returns:
       A tree with the structure of ``activations``: float32 ``V`` of shape
-      ``(*batch, d_in, rank)`` per leaf, ``optax.MaskedNode()`` for skipped leaves.
+      ``(*batch, d_in, k)`` per leaf, ``optax.MaskedNode()`` for skipped leaves.
 
     Example:
-      >>> acts = collect_inputs(capture_fn, ref_batches)  # doctest: +SKIP
-      >>> basis_a = matrix_basis_from_activations(acts, rank=32, energy=0.97)  # doctest: +SKIP
-      >>> basis_b = matrix_basis_from_activations(acts_b, rank=32, energy=0.97,
-      ...                                         union_with=basis_a)  # doctest: +SKIP
+      >>> x_a = {"w": jnp.array([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]])}  # inputs along e1
+      >>> x_b = {"w": jnp.array([[0.0, 0.0, 5.0]])}  # a later task's inputs, along e3
+      >>> v_a = matrix_basis_from_activations(x_a, k=2)
+      >>> v_ab = matrix_basis_from_activations(x_b, k=2, union_with=v_a)
+      >>> jnp.round(jnp.abs(v_ab["w"]), 3)  # e1 kept, e3 added
+      Array([[1., 0.],
+             [0., 0.],
+             [0., 1.]], dtype=float32)
     """
-    _check_common(rank, energy, max_dense_dim, oversample, power_iters)
+    _check_common(k, energy, max_dense_dim, oversample, power_iters)
     leaves, treedef = jax.tree.flatten(activations, is_leaf=_is_skip)
     olds = [None] * len(leaves)
     if union_with is not None:
@@ -392,17 +268,17 @@ def matrix_basis_from_activations(
             raise ValueError(f"activation leaf {j} must be (*batch, n_samples, d_in), got {shape}")
         if _is_skip(v_old):
             v_old = None
-        elif jnp.shape(v_old) != shape[:-2] + (shape[-1], rank):
+        elif jnp.shape(v_old) != shape[:-2] + (shape[-1], k):
             raise ValueError(
                 f"union_with leaf {j} has shape {jnp.shape(v_old)}, expected "
-                f"{shape[:-2] + (shape[-1], rank)}"
+                f"{shape[:-2] + (shape[-1], k)}"
             )
         out.append(
             _activation_leaf(
                 jnp.asarray(x),
                 v_old,
                 key,
-                rank=rank,
+                k=k,
                 energy=None if energy is None else jnp.float32(energy),
                 max_dense_dim=max_dense_dim,
                 oversample=oversample,
@@ -441,7 +317,11 @@ def collect_inputs(
       The tree with leaves of shape ``(*batch_axes, n_samples, d_in)``, float32.
 
     Example:
-      >>> acts = collect_inputs(lambda b: mlp_inputs(params, b), batches)  # doctest: +SKIP
+      >>> w1 = jnp.ones((3, 4))
+      >>> inputs = lambda x: {"w1": x, "w2": jax.nn.relu(x @ w1)}  # each layer's input
+      >>> acts = collect_inputs(inputs, [jnp.ones((2, 5, 3)), jnp.ones((2, 5, 3))])
+      >>> acts["w1"].shape, acts["w2"].shape  # 2 batches x 2 x 5 rows
+      ((20, 3), (20, 4))
     """
     if not isinstance(batch_axes, int) or batch_axes < 0:
         raise ValueError(f"batch_axes must be an integer >= 0, got {batch_axes!r}")

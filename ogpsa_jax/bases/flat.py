@@ -1,4 +1,4 @@
-"""Capability-basis estimation: reference gradients -> per-tensor orthonormal directions.
+"""Flat capability bases: reference gradients -> per-tensor orthonormal directions.
 
 Two methods, both per parameter tensor (leaf) and both free of any parameter-sized SVD/QR:
 
@@ -8,26 +8,22 @@ Two methods, both per parameter tensor (leaf) and both free of any parameter-siz
   with a second re-orthogonalisation pass for float32 stability.
 * ``svd`` -- the top directions of the span of the N gradients, from the eigendecomposition of
   the small N x N Gram matrix ``G = A A^T`` (A: N x D, the flattened gradients):
-  ``u_j = A^T w_j / sqrt(lambda_j)``, rank ``k`` or the smallest rank capturing ``energy``.
+  ``u_j = A^T w_j / sqrt(lambda_j)``, k directions or the fewest capturing ``energy``.
 
 All parameter-sized work is elementwise multiply + sum in float32, so everything runs jitted and
-on sharded trees (Auto and Explicit meshes); only N x N matrices are replicated.
+on sharded trees (Auto and Explicit meshes); only N x N matrices are replicated. The result is
+what `ogpsa_jax.projection.ogpsa` stores (``set_basis`` or ``update(..., basis=)``).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
-from functools import partial
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ogpsa_jax.transform import _zeros_like
-
-logger = logging.getLogger(__name__)
+from ogpsa_jax._tree import zeros_like
 
 _F32 = jnp.float32
 # `svd`: eigenvalues of the Gram matrix below this fraction of the largest are treated as zero
@@ -118,8 +114,13 @@ def capability_basis(
       A tuple of k float32 trees; per leaf the directions are orthonormal or zero.
 
     Example:
-      >>> basis = capability_basis([g_ultrafeedback, g_halueval])  # doctest: +SKIP
-      >>> basis = capability_basis(per_batch_grads, k=8, method="svd", energy=0.9)  # +SKIP
+      >>> g_a, g_b = {"w": jnp.array([3.0, 4.0, 0.0])}, {"w": jnp.array([1.0, 0.0, 0.0])}
+      >>> u1, u2 = capability_basis([g_a, g_b])  # the reference code's k = 2
+      >>> u1["w"], jnp.round(u2["w"], 3)
+      (Array([0.6, 0.8, 0. ], dtype=float32), Array([ 0.8, -0.6,  0. ], dtype=float32))
+      >>> (u,) = capability_basis([g_a, g_b], k=1, method="svd")  # the top direction
+      >>> u["w"].shape
+      (3,)
     """
     if not isinstance(ref_grads, (list, tuple)) or len(ref_grads) == 0:
         raise ValueError("ref_grads must be a non-empty list or tuple of gradient trees")
@@ -159,97 +160,9 @@ def capability_basis(
             us = _gram_schmidt_leaf(gs, k, eps)
         else:
             us = _svd_leaf(gs, k, energy)
-        us += [_zeros_like(gs[0], _F32)] * (k - len(us))
+        us += [zeros_like(gs[0], _F32)] * (k - len(us))
         per_leaf.append(us)
     return tuple(jax.tree.unflatten(tree_def, [us[i] for us in per_leaf]) for i in range(k))
 
 
-@partial(jax.jit, static_argnums=0)
-def _grad_one(loss_fn: Callable, params: optax.Params, batch: Any) -> tuple[Any, Any]:
-    """Gradient of the loss (or of its sum, if it returns (sum, count)) and the count."""
-
-    def scalar(p: optax.Params) -> tuple[jax.Array, jax.Array]:
-        out = loss_fn(p, batch)
-        if isinstance(out, tuple):
-            total, count = out
-            return total, jnp.asarray(count, _F32)
-        return out, jnp.asarray(jnp.nan, _F32)
-
-    grads, count = jax.grad(scalar, has_aux=True)(params)
-    return jax.tree.map(lambda g: g.astype(_F32), grads), count
-
-
-@jax.jit
-def _combine(grads: Sequence[Any], counts: Sequence[jax.Array]) -> Any:
-    """Mean of gradients; for (sum, count) losses: sum of gradients / sum of counts."""
-    counts_N = jnp.stack(counts)
-    is_tuple_loss = ~jnp.isnan(counts_N[0])
-    denom = jnp.where(
-        is_tuple_loss, jnp.sum(jnp.where(is_tuple_loss, counts_N, 0.0)), float(len(grads))
-    )
-    denom = jnp.maximum(denom, 1e-12)
-    return jax.tree.map(lambda *gs: sum(gs) / denom, *grads)
-
-
-def reference_gradients(
-    loss_fn: Callable[[optax.Params, Any], Any],
-    params: optax.Params,
-    batches: Sequence[Any] | None = None,
-    *,
-    group_size: int | None = None,
-    groups: Sequence[Sequence[Any]] | None = None,
-) -> list[optax.Params]:
-    """Jitted float32 gradients of a loss over reference batches, per batch or per group.
-
-    ``loss_fn(params, batch)`` returns a scalar loss, or ``(sum, count)`` (e.g. summed token
-    NLL and the token count). Per batch the gradient is that of the loss (or of sum/count). For a
-    group of batches (one reference set), a scalar loss gives the mean of the per-batch gradients
-    (the reference code's mean over micro-batches); a ``(sum, count)`` loss gives the gradient of
-    sum-of-sums / sum-of-counts, i.e. of the token-mean over the whole set.
-
-    Args:
-      loss_fn: the loss; must be hashable (it is a static argument of the jitted gradient, so
-        pass the same function object on each refresh to avoid recompiling).
-      params: the parameters (at which the gradients are taken).
-      batches: the reference batches (same shapes, so one compilation).
-      group_size: None -> one gradient per batch (input for ``method="svd"``); g -> the mean
-        over each consecutive group of g batches (len(batches) must be a multiple of g).
-      groups: alternative to ``batches``: a list of reference sets, each a list of batches;
-        one mean gradient per set.
-
-    Returns:
-      A list of float32 gradient trees.
-
-    Example:
-      >>> ref = reference_gradients(nll, params, groups=[ultrafeedback, halueval])  # +SKIP
-      >>> basis = capability_basis(ref)  # doctest: +SKIP
-    """
-    if (batches is None) == (groups is None):
-        raise ValueError("pass exactly one of batches or groups")
-    if groups is not None:
-        if group_size is not None:
-            raise ValueError("group_size cannot be combined with groups")
-        groups = [list(g) for g in groups]
-        if not groups or any(len(g) == 0 for g in groups):
-            raise ValueError("groups must be a non-empty list of non-empty lists of batches")
-    else:
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches must not be empty")
-        if group_size is None:
-            groups = [[b] for b in batches]
-        else:
-            if not isinstance(group_size, int) or group_size < 1:
-                raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-            if len(batches) % group_size:
-                raise ValueError(f"{len(batches)} batches do not split into groups of {group_size}")
-            groups = [batches[i : i + group_size] for i in range(0, len(batches), group_size)]
-    out = []
-    for group in groups:
-        results = [_grad_one(loss_fn, params, b) for b in group]
-        out.append(_combine([r[0] for r in results], [r[1] for r in results]))
-    logger.debug("reference_gradients: %d gradients from %d groups", len(out), len(groups))
-    return out
-
-
-__all__: list[str] = ["capability_basis", "reference_gradients"]
+__all__ = ["capability_basis"]
