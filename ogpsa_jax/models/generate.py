@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.decoder import Decoder, forward_with_cache, with_auto_axes
+from ogpsa_jax.models.decoder import Decoder
+from ogpsa_jax.models.functional import forward_with_cache, token_positions
+from ogpsa_jax.models.sharding import with_auto_axes
 
 
 def _sample(logits_BxV: jax.Array, greedy: bool, temperature, top_p, key) -> jax.Array:
@@ -77,9 +79,8 @@ def _generate_loop(
     valid_BxP = attention_mask.astype(bool)
     kv_valid_BxT = jnp.concatenate([valid_BxP, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     n_real_B = jnp.sum(valid_BxP, axis=1, dtype=jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(valid_BxP, axis=1, dtype=jnp.int32) - 1, 0)
     logits, caches = forward_with_cache(
-        params, config, dtype, input_ids, positions, kv_valid_BxT, caches, 0
+        params, config, dtype, input_ids, token_positions(valid_BxP), kv_valid_BxT, caches, 0
     )
     rng, key = jax.random.split(rng)
     token_B = _sample(logits[:, -1], greedy, temperature, top_p, key)
@@ -143,7 +144,11 @@ def generate(
         int32 [B, max_new_tokens] new tokens.
 
     Example:
-        >>> out = generate(model, ids, mask, max_new_tokens=16, eos_token_id=2)  # doctest: +SKIP
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> model = init_random(tiny_config(), dtype=jnp.float32)
+        >>> ids = jnp.ones((2, 5), jnp.int32)
+        >>> generate(model, ids, jnp.ones_like(ids), max_new_tokens=4, eos_token_id=2).shape
+        (2, 4)
     """
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
