@@ -23,6 +23,7 @@ from ogpsa_jax.models import (
     param_shardings,
     qwen2_5_7b_config,
     save_hf,
+    sequence_logprobs,
     smollm2_135m_config,
     tiny_config,
 )
@@ -309,6 +310,25 @@ def test_config_and_checkpoint_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="final_norm"):
         load_hf(shape)
+
+
+def test_sequence_logprobs_of_model_logits_match_manual():
+    model = init_random(tiny_config(vocab_size=89, architecture="qwen2"), seed=4, dtype=jnp.float32)
+    ids = jax.random.randint(jax.random.key(3), (2, 7), 0, 89)
+    mask = jnp.array([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], jnp.int32)
+    loss_mask = jnp.array([[0, 0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 0, 0]], jnp.int32)
+    logits = _logits(model, ids, mask)
+    total, count = jax.jit(sequence_logprobs)(logits, ids, loss_mask)
+    logits = np.asarray(logits, np.float64)
+    for b in range(2):
+        expect = 0.0
+        for t in np.flatnonzero(np.asarray(loss_mask[b])):
+            row = logits[b, t - 1]
+            expect += row[int(ids[b, t])] - np.log(np.exp(row - row.max()).sum()) - row.max()
+        np.testing.assert_allclose(float(total[b]), expect, rtol=1e-5, atol=1e-5)
+        assert float(count[b]) == float(loss_mask[b].sum())
+    with pytest.raises(ValueError, match="loss_mask"):
+        sequence_logprobs(logits, ids, loss_mask[:, 1:])
 
 
 def test_functional_entry_points_match_forward():

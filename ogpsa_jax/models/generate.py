@@ -1,4 +1,4 @@
-"""Batched generation with a KV cache, and sequence log-probabilities."""
+"""Batched generation from left-padded prompts with a KV cache (greedy or nucleus sampling)."""
 
 from __future__ import annotations
 
@@ -180,47 +180,3 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         greedy=greedy,
     )
-
-
-def sequence_logprobs(
-    model: Decoder,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    loss_mask: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Sum of log p(token_t | tokens_<t) over target positions, and their count.
-
-    Args:
-        model: the decoder.
-        input_ids: [B, L] token ids.
-        attention_mask: [B, L], 1 for real tokens.
-        loss_mask: [B, L], 1 where input_ids[b, t] is a target token (position 0 is never one).
-
-    Returns:
-        (sum_logp [B] float32, count [B] float32).
-
-    Example:
-        >>> logp, n = sequence_logprobs(model, ids, mask, loss_mask)  # doctest: +SKIP
-    """
-    if not input_ids.shape == attention_mask.shape == loss_mask.shape:
-        raise ValueError(
-            f"shapes differ: input_ids {input_ids.shape}, attention_mask {attention_mask.shape}, "
-            f"loss_mask {loss_mask.shape}"
-        )
-    logits_BxLxV = model(input_ids, attention_mask)
-    return token_logprob_sums(logits_BxLxV, input_ids, loss_mask)
-
-
-def token_logprob_sums(
-    logits_BxLxV: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of target log-probs [B], count [B]) from logits; targets are input_ids[:, 1:].
-
-    The target logit minus the logsumexp, so no second [B, L, V] array (a full log-softmax) is
-    materialised. The training losses (`ogpsa_jax.train.losses`) use this same function.
-    """
-    logits_BxTxV = logits_BxLxV[:, :-1].astype(jnp.float32)
-    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    picked_BxT = jnp.take_along_axis(logits_BxTxV, input_ids[:, 1:, None], axis=-1)[..., 0]
-    m = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum((picked_BxT - logz_BxT) * m, axis=1), jnp.sum(m, axis=1)
