@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_capture import CFG, B, T, batch, cap, random_params
 
 from ogpsa_jax.matrix import MatrixOGPSAState, ogpsa_matrix
 from ogpsa_jax.matrix_basis import matrix_basis_from_activations
-from ogpsa_jax.models import DecoderConfig, init_random, make_mesh, tiny_config
-from ogpsa_jax.models.capture import SITES, capture_inputs, stack_rows
+from ogpsa_jax.models import init_random, make_mesh, tiny_config
+from ogpsa_jax.models.capture import SITES, stack_rows
 from ogpsa_jax.train import apply_overrides, preset, train
 from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.activation import inputs_like, make_activation_refresh, rows_per_batch
@@ -200,56 +201,21 @@ def test_activation_config_errors_are_named():
         make_activation_refresh(None, None, og, [[{}]])
 
 
-# `inputs_like`: captured decoder inputs arranged like a parameter tree, for a matrix basis.
-# A Qwen2-style model with odd sizes (untied head, biases), O(1) random weights, and a batch
-# with left and right padding.
-CAP_CFG = DecoderConfig(
-    architecture="qwen2",
-    vocab_size=53,
-    hidden_size=43,
-    intermediate_size=71,
-    num_layers=3,
-    num_heads=3,
-    num_kv_heads=1,
-    head_dim=10,
-    rope_theta=500.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    attention_bias=True,
-)
-CAP_B, CAP_T = 3, 11
-
-
+# `inputs_like`: captured decoder inputs arranged like a parameter tree, for a matrix basis, on
+# the capture tests' model (Qwen2-style, odd sizes, untied head, biases, O(1) random weights)
+# and batch (left and right padding).
 @pytest.fixture(scope="module")
 def captured():
-    rng = np.random.default_rng(0)
-
-    def fresh(path, x):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            return jnp.asarray(1.0 + 0.2 * rng.standard_normal(x.shape), jnp.float32)
-        scale = 0.15 if "proj" in name or "bias" in name else 1.0
-        return jnp.asarray(scale * rng.standard_normal(x.shape), jnp.float32)
-
-    params = jax.tree_util.tree_map_with_path(
-        fresh, init_random(CAP_CFG, dtype=jnp.float32).params()
-    )
-    ids = rng.integers(1, CAP_CFG.vocab_size, size=(CAP_B, CAP_T)).astype(np.int32)
-    mask = np.ones((CAP_B, CAP_T), np.int32)
-    mask[0, :4] = 0  # left padding
-    mask[2, 7:] = 0  # right padding
-    cap = jax.jit(capture_inputs, static_argnames=("config", "rows"))
-    sampled = cap(params, CAP_CFG, ids, mask, rows=7)
-    full = cap(params, CAP_CFG, ids, mask)
-    return params, sampled, full
+    params = random_params()
+    ids, mask = batch()
+    return params, cap(params, ids, mask, rows=7), cap(params, ids, mask)
 
 
 def test_inputs_like_feeds_the_matrix_basis_of_an_nnx_state(captured):
     params, sampled, full = captured
-    _, state, _ = nnx.split(init_random(CAP_CFG, dtype=jnp.float32), nnx.Param, ...)  # structure
+    _, state, _ = nnx.split(init_random(CFG, dtype=jnp.float32), nnx.Param, ...)  # structure
     rows = stack_rows(c.inputs for c in (sampled, full))
-    b_t, cfg = CAP_B * CAP_T, CAP_CFG
-    assert rows["layers"]["up_proj"].shape == (cfg.num_layers, 7 + b_t, cfg.hidden_size)
+    assert rows["layers"]["up_proj"].shape == (CFG.num_layers, 7 + B * T, CFG.hidden_size)
     no_v = lambda p: jax.tree_util.tree_map_with_path(
         lambda path, _: "v_proj" not in jax.tree_util.keystr(path), p
     )
@@ -260,9 +226,9 @@ def test_inputs_like_feeds_the_matrix_basis_of_an_nnx_state(captured):
     got = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(opt.basis)[0]}
     want = {f"layers/{n}" for n in SITES if n != "v_proj"} | {"lm_head"}
     assert set(got) == want
-    assert got["layers/down_proj"].shape == (cfg.num_layers, cfg.intermediate_size, 5)
-    assert got["layers/o_proj"].shape == (cfg.num_layers, cfg.num_heads * cfg.head_dim, 5)
-    assert got["lm_head"].shape == (cfg.hidden_size, 5)
+    assert got["layers/down_proj"].shape == (CFG.num_layers, CFG.intermediate_size, 5)
+    assert got["layers/o_proj"].shape == (CFG.num_layers, CFG.num_heads * CFG.head_dim, 5)
+    assert got["lm_head"].shape == (CFG.hidden_size, 5)
     for v in got.values():  # orthonormal columns (float32 eigh)
         gram = jnp.einsum("...ir,...is->...rs", v, v)
         chex.assert_trees_all_close(gram, jnp.broadcast_to(jnp.eye(5), gram.shape), atol=1e-5)
@@ -270,7 +236,7 @@ def test_inputs_like_feeds_the_matrix_basis_of_an_nnx_state(captured):
     # that layer's output on every captured row unchanged.
     x = rows["layers"]["down_proj"]  # (L, 40, 71): 40 rows (7 zero) < 71 inputs
     v = matrix_basis_from_activations({"x": x}, rank=x.shape[1])["x"]
-    g = jax.random.normal(jax.random.key(0), (cfg.num_layers, cfg.intermediate_size, 13))
+    g = jax.random.normal(jax.random.key(0), (CFG.num_layers, CFG.intermediate_size, 13))
     pg = g - jnp.einsum("lir,ljr,ljo->lio", v, v, g)
     before = jnp.linalg.norm(jnp.einsum("lni,lio->lno", x, g))
     after = jnp.linalg.norm(jnp.einsum("lni,lio->lno", x, pg))
