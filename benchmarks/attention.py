@@ -34,7 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ogpsa_jax.models import init_random, smollm2_135m_config  # noqa: E402
-from ogpsa_jax.models.decoder import attention_chunk_rows, hidden_states  # noqa: E402
+from ogpsa_jax.models.functional import hidden_states  # noqa: E402
+from ogpsa_jax.models.layers import attention_chunk_rows  # noqa: E402
 
 LENGTHS = {256: 8, 1024: 2, 2048: 1}  # tokens per row -> rows (~2048 tokens per call)
 

@@ -65,7 +65,7 @@ def _jax_rates(cfg, dtype, ids, mask, iters: int) -> tuple[float, float]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from ogpsa_jax.models import init_random, token_logprob_sums
+    from ogpsa_jax.models import init_random, sequence_logprobs
 
     graphdef, state = nnx.split(init_random(cfg, seed=0, dtype=dtype))
 
@@ -77,7 +77,7 @@ def _jax_rates(cfg, dtype, ids, mask, iters: int) -> tuple[float, float]:
     def fwd_bwd(state, ids):
         def loss(state):
             logits = nnx.merge(graphdef, state)(ids, mask)
-            total, count = token_logprob_sums(logits, ids, mask)
+            total, count = sequence_logprobs(logits, ids, mask)
             return -jnp.sum(total) / jnp.sum(count)
 
         return jax.value_and_grad(loss)(state)

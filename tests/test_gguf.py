@@ -13,7 +13,13 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from ogpsa_jax.models import gguf as gguf_mod
-from ogpsa_jax.models.gguf import convert_gguf, smollm2_path
+from ogpsa_jax.models.gguf import (
+    MARKER_FILE,
+    convert_cached,
+    convert_gguf,
+    smollm2_path,
+    unpermute_qk,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_ref_logits.json"
 CHATML = (
@@ -65,10 +71,8 @@ def test_unpermute_inverts_llamacpp_permutation():
         w_OxI = rng.standard_normal((n_head * head_dim, d_in)).astype(np.float32)
         permuted = _llamacpp_permute(w_OxI, n_head)
         assert not np.array_equal(permuted, w_OxI) or head_dim == 2
-        np.testing.assert_array_equal(gguf_mod._unpermute_qk(permuted, n_head), w_OxI)
-        np.testing.assert_array_equal(
-            _llamacpp_permute(gguf_mod._unpermute_qk(w_OxI, n_head), n_head), w_OxI
-        )
+        np.testing.assert_array_equal(unpermute_qk(permuted, n_head), w_OxI)
+        np.testing.assert_array_equal(_llamacpp_permute(unpermute_qk(w_OxI, n_head), n_head), w_OxI)
 
 
 def test_permutation_turns_hf_rope_into_llamacpp_rope():
@@ -353,14 +357,14 @@ def test_bad_input_raises_clear_errors(synthetic, tmp_path):
 
 def test_cached_convert_reuses_and_rebuilds_when_stale(synthetic, tmp_path):
     src, cache = synthetic["root"] / "model.gguf", tmp_path / "cache"
-    assert gguf_mod._cached_convert(src, cache) == cache
-    marker = cache / gguf_mod._MARKER
+    assert convert_cached(src, cache) == cache
+    marker = cache / MARKER_FILE
     first = marker.stat().st_ino, (cache / "model.safetensors").stat().st_mtime_ns
-    gguf_mod._cached_convert(src, cache)
+    convert_cached(src, cache)
     assert (marker.stat().st_ino, (cache / "model.safetensors").stat().st_mtime_ns) == first
     stat = src.stat()
     os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the GGUF "changed"
-    gguf_mod._cached_convert(src, cache)
+    convert_cached(src, cache)
     assert json.loads(marker.read_text())["mtime_ns"] == stat.st_mtime_ns + 10**9
     assert sorted(p.name for p in cache.parent.iterdir()) == ["cache"]  # no temp dirs left
 

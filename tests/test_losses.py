@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, sequence_logps, token_nll
+from ogpsa_jax.models import sequence_logprobs
+from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, token_nll
 
 
 def _logsigmoid(x):
@@ -85,7 +86,7 @@ def test_dpo_bad_arguments():
         dpo_loss(z, z, z, z, beta=0.1, label_smoothing=0.5)
 
 
-def test_token_nll_and_sequence_logps_match_numpy():
+def test_token_nll_and_sequence_logprobs_match_numpy():
     rng = np.random.default_rng(0)
     b, n_len, v = 3, 11, 13
     logits = rng.normal(size=(b, n_len, v)).astype(np.float32)
@@ -95,7 +96,7 @@ def test_token_nll_and_sequence_logps_match_numpy():
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
     lp = np.take_along_axis(logits[:, :-1], ids[:, 1:, None], -1)[..., 0] - lse[:, :-1]
     want_s = (lp * mask[:, 1:]).sum(-1)
-    s, n = jax.jit(sequence_logps)(logits, ids, mask)
+    s, n = jax.jit(sequence_logprobs)(logits, ids, mask)
     chex.assert_trees_all_close(np.asarray(s), want_s, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(n), mask[:, 1:].sum(-1))
     total, count = token_nll(logits, ids, mask)

@@ -4,7 +4,8 @@ One SFT run on a 2x4 mesh (4 steps of plain SGD, basis refreshed before steps 1 
 GPM's energy rule and union, checkpoints after steps 2 and 4) serves every test: the run's
 metrics, the applied update's orthogonality to the protected input subspace on every projected
 leaf, and the checkpointed basis, restored into a `MatrixOGPSAState`, equal to the basis
-recomputed from the reference rows at the step-2 weights.
+recomputed from the reference rows at the step-2 weights. Below them, `inputs_like` (captured
+decoder inputs arranged like a parameter tree) feeds the matrix basis of an `nnx.State`.
 """
 
 import dataclasses
@@ -15,12 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_capture import CFG, B, T, batch, cap, random_params
 
+from ogpsa_jax.bases import matrix_basis_from_activations
 from ogpsa_jax.models import init_random, make_mesh, tiny_config
-from ogpsa_jax.projection import MatrixOGPSAState, get_basis
+from ogpsa_jax.models.capture import SITES, stack_rows
+from ogpsa_jax.projection import MatrixOGPSAState, get_basis, ogpsa_matrix
 from ogpsa_jax.train import apply_overrides, preset, train
 from ogpsa_jax.train import checkpoint as ckpt
-from ogpsa_jax.train.activation import make_activation_refresh, rows_per_batch
+from ogpsa_jax.train.activation import inputs_like, make_activation_refresh, rows_per_batch
 from ogpsa_jax.train.config import validate
 from ogpsa_jax.train.loop import _load_inputs, _place, _rows_sharding
 from ogpsa_jax.train.metrics import read_metrics
@@ -194,3 +198,55 @@ def test_activation_config_errors_are_named():
     og = dataclasses.replace(base.sft.ogpsa, method="svd")
     with pytest.raises(ValueError, match="activation"):
         make_activation_refresh(None, None, og, [[{}]])
+
+
+# `inputs_like`: captured decoder inputs arranged like a parameter tree, for a matrix basis, on
+# the capture tests' model (Qwen2-style, odd sizes, untied head, biases, O(1) random weights)
+# and batch (left and right padding).
+@pytest.fixture(scope="module")
+def captured():
+    params = random_params()
+    ids, mask = batch()
+    return params, cap(params, ids, mask, rows=7), cap(params, ids, mask)
+
+
+def test_inputs_like_feeds_the_matrix_basis_of_an_nnx_state(captured):
+    params, sampled, full = captured
+    _, state, _ = nnx.split(init_random(CFG, dtype=jnp.float32), nnx.Param, ...)  # structure
+    rows = stack_rows(c.inputs for c in (sampled, full))
+    assert rows["layers"]["up_proj"].shape == (CFG.num_layers, 7 + B * T, CFG.hidden_size)
+    no_v = lambda p: jax.tree_util.tree_map_with_path(
+        lambda path, _: "v_proj" not in jax.tree_util.keystr(path), p
+    )
+    acts = inputs_like(state, rows, mask=no_v)
+    # The basis tree is accepted by the transform's state built on the same nnx.State.
+    opt = ogpsa_matrix(5, mask=no_v).init(state)
+    opt = opt.with_basis(matrix_basis_from_activations(acts, k=5))
+    got = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(opt.basis)[0]}
+    want = {f"layers/{n}" for n in SITES if n != "v_proj"} | {"lm_head"}
+    assert set(got) == want
+    assert got["layers/down_proj"].shape == (CFG.num_layers, CFG.intermediate_size, 5)
+    assert got["layers/o_proj"].shape == (CFG.num_layers, CFG.num_heads * CFG.head_dim, 5)
+    assert got["lm_head"].shape == (CFG.hidden_size, 5)
+    for v in got.values():  # orthonormal columns (float32 eigh)
+        gram = jnp.einsum("...ir,...is->...rs", v, v)
+        chex.assert_trees_all_close(gram, jnp.broadcast_to(jnp.eye(5), gram.shape), atol=1e-5)
+    # GPM's point: with the full input span protected, a projected change of down_proj leaves
+    # that layer's output on every captured row unchanged.
+    x = rows["layers"]["down_proj"]  # (L, 40, 71): 40 rows (7 zero) < 71 inputs
+    v = matrix_basis_from_activations({"x": x}, k=x.shape[1])["x"]
+    g = jax.random.normal(jax.random.key(0), (CFG.num_layers, CFG.intermediate_size, 13))
+    pg = g - jnp.einsum("lir,ljr,ljo->lio", v, v, g)
+    before = jnp.linalg.norm(jnp.einsum("lni,lio->lno", x, g))
+    after = jnp.linalg.norm(jnp.einsum("lni,lio->lno", x, pg))
+    assert float(after) < 1e-4 * float(before), (float(after), float(before))
+
+
+def test_inputs_like_names_a_width_mismatch(captured):
+    params, sampled, _ = captured
+    dims = jax.tree_util.tree_map_with_path(
+        lambda path, x: 2 if x.ndim == 3 and "norm" not in jax.tree_util.keystr(path) else None,
+        params,
+    )
+    with pytest.raises(ValueError, match="has width"):
+        inputs_like(params, sampled.inputs, dims=dims)

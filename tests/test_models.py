@@ -23,10 +23,18 @@ from ogpsa_jax.models import (
     param_shardings,
     qwen2_5_7b_config,
     save_hf,
+    sequence_logprobs,
     smollm2_135m_config,
     tiny_config,
 )
-from ogpsa_jax.models.decoder import attention_chunk_rows
+from ogpsa_jax.models.functional import (
+    forward,
+    forward_with_cache,
+    head_logits,
+    hidden_states,
+    prefill,
+)
+from ogpsa_jax.models.layers import attention_chunk_rows
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = sorted(d for d in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, d)))
@@ -302,3 +310,57 @@ def test_config_and_checkpoint_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="final_norm"):
         load_hf(shape)
+
+
+def test_sequence_logprobs_of_model_logits_match_manual():
+    model = init_random(tiny_config(vocab_size=89, architecture="qwen2"), seed=4, dtype=jnp.float32)
+    ids = jax.random.randint(jax.random.key(3), (2, 7), 0, 89)
+    mask = jnp.array([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], jnp.int32)
+    loss_mask = jnp.array([[0, 0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 0, 0]], jnp.int32)
+    logits = _logits(model, ids, mask)
+    total, count = jax.jit(sequence_logprobs)(logits, ids, loss_mask)
+    logits = np.asarray(logits, np.float64)
+    for b in range(2):
+        expect = 0.0
+        for t in np.flatnonzero(np.asarray(loss_mask[b])):
+            row = logits[b, t - 1]
+            expect += row[int(ids[b, t])] - np.log(np.exp(row - row.max()).sum()) - row.max()
+        np.testing.assert_allclose(float(total[b]), expect, rtol=1e-5, atol=1e-5)
+        assert float(count[b]) == float(loss_mask[b].sum())
+    with pytest.raises(ValueError, match="loss_mask"):
+        sequence_logprobs(logits, ids, loss_mask[:, 1:])
+
+
+def test_functional_entry_points_match_forward():
+    # qwen2: untied lm_head and q/k/v biases; an odd vocabulary
+    model = init_random(
+        tiny_config(vocab_size=101, architecture="qwen2"), seed=7, dtype=jnp.float32
+    )
+    cfg, p, c = model.config, 3, 10
+
+    @jax.jit
+    def run(params, ids, mask, rows):
+        full = forward(params, cfg, jnp.float32, ids, mask)
+        h = hidden_states(params, cfg, jnp.float32, ids, mask)
+        sliced = head_logits(params, cfg, jnp.float32, jnp.take_along_axis(h, rows[..., None], 1))
+        # prefill the first p tokens, then the remaining c through the cache
+        caches = prefill(params, cfg, jnp.float32, ids[:, :p], mask[:, :p], p + c)
+        positions = jnp.broadcast_to(jnp.arange(p, p + c), (ids.shape[0], c))
+        cached, _ = forward_with_cache(
+            params, cfg, jnp.float32, ids[:, p:], positions, mask.astype(bool), caches, p
+        )
+        return full, sliced, caches[0].shape, cached
+
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, 101, size=(3, p + c)), jnp.int32)
+    n_real = np.array([13, 9, 4])
+    mask = jnp.asarray(np.arange(p + c)[None] < n_real[:, None], jnp.int32)  # right padding
+    rows = jnp.asarray([[0, 12], [3, 8], [1, 3]])
+    full, sliced, k_shape, cached = run(model.params(), ids, mask, rows)
+    # the lm_head on gathered hidden rows equals those rows of the full logits (float32)
+    chex.assert_trees_all_close(sliced, jnp.take_along_axis(full, rows[..., None], 1), atol=1e-5)
+    assert k_shape == (cfg.num_layers, 3, cfg.num_kv_heads, p + c, cfg.head_dim)
+    for b in range(3):  # float32, cached vs full attention over the same real tokens
+        chex.assert_trees_all_close(cached[b, : n_real[b] - p], full[b, p : n_real[b]], atol=1e-5)
+    with pytest.raises(ValueError, match="cache_length=2 < prompt length 3"):
+        prefill(model.params(), cfg, jnp.float32, ids[:, :p], mask[:, :p], 2)

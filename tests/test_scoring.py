@@ -1,5 +1,5 @@
-"""Tests for the fast scoring paths of ``score_continuations`` and the decoder entry points they
-use (``hidden_states``, ``head_logits``, ``prefill``).
+"""Tests for the fast scoring paths of ``score_continuations`` (the decoder entry points they
+use, ``hidden_states``, ``head_logits``, ``prefill``, are tested in ``tests/test_models.py``).
 
 Every path (shared prefix, full sequence with the lm_head on gathered rows, generic full logits)
 is compared with a hand computation from the model's full [L, V] logits of each unpadded
@@ -18,13 +18,6 @@ from flax import nnx
 from ogpsa_jax.eval import scoring
 from ogpsa_jax.eval.scoring import score_continuations
 from ogpsa_jax.models import init_random, make_mesh, tiny_config
-from ogpsa_jax.models.decoder import (
-    forward,
-    forward_with_cache,
-    head_logits,
-    hidden_states,
-    prefill,
-)
 
 VOCAB = 101
 WIDTH = 48  # hand computations run every sequence filled to this width (one compilation)
@@ -169,37 +162,6 @@ def test_shared_batches_prefill_each_context_once():
     # a group larger than the batch is split, each part with its own context row
     split = list(scoring._shared_batches(seqs[:1] * 5, starts[:1] * 5, 2, 8, 0))
     assert [len(r) for r, _ in split] == [2, 2, 1]
-
-
-def test_decoder_entry_points_match_forward(model):
-    cfg, p, c = model.config, 3, 10
-
-    @jax.jit
-    def run(params, ids, mask, rows):
-        full = forward(params, cfg, jnp.float32, ids, mask)
-        h = hidden_states(params, cfg, jnp.float32, ids, mask)
-        sliced = head_logits(params, cfg, jnp.float32, jnp.take_along_axis(h, rows[..., None], 1))
-        # prefill the first p tokens, then the remaining c through the cache
-        caches = prefill(params, cfg, jnp.float32, ids[:, :p], mask[:, :p], p + c)
-        positions = jnp.broadcast_to(jnp.arange(p, p + c), (ids.shape[0], c))
-        cached, _ = forward_with_cache(
-            params, cfg, jnp.float32, ids[:, p:], positions, mask.astype(bool), caches, p
-        )
-        return full, sliced, caches[0].shape, cached
-
-    rng = np.random.default_rng(1)
-    ids = jnp.asarray(rng.integers(0, VOCAB, size=(3, p + c)), jnp.int32)
-    n_real = np.array([13, 9, 4])
-    mask = jnp.asarray(np.arange(p + c)[None] < n_real[:, None], jnp.int32)  # right padding
-    rows = jnp.asarray([[0, 12], [3, 8], [1, 3]])
-    full, sliced, k_shape, cached = run(model.params(), ids, mask, rows)
-    # the lm_head on gathered hidden rows equals those rows of the full logits (float32)
-    chex.assert_trees_all_close(sliced, jnp.take_along_axis(full, rows[..., None], 1), atol=1e-5)
-    assert k_shape == (cfg.num_layers, 3, cfg.num_kv_heads, p + c, cfg.head_dim)
-    for b in range(3):  # float32, cached vs full attention over the same real tokens
-        chex.assert_trees_all_close(cached[b, : n_real[b] - p], full[b, p : n_real[b]], atol=1e-5)
-    with pytest.raises(ValueError, match="cache_length=2 < prompt length 3"):
-        prefill(model.params(), cfg, jnp.float32, ids[:, :p], mask[:, :p], 2)
 
 
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])

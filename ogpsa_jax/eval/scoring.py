@@ -38,14 +38,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ogpsa_jax.models.decoder import (
-    Decoder,
-    forward_with_cache,
-    head_logits,
-    hidden_states,
-    prefill,
-    with_auto_axes,
-)
+from ogpsa_jax.models.decoder import Decoder
+from ogpsa_jax.models.functional import forward_with_cache, head_logits, hidden_states, prefill
+from ogpsa_jax.models.sharding import with_auto_axes
 
 logger = logging.getLogger(__name__)
 

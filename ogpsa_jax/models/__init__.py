@@ -1,4 +1,9 @@
-"""Flax NNX Llama / Qwen2 decoders, Hugging Face checkpoint I/O and generation."""
+"""Flax NNX Llama / Qwen2 decoders, Hugging Face checkpoint I/O, generation and log-probs.
+
+Files: `config` (architectures), `layers` (the block's math), `functional` (the pure entry
+points on the parameter dict), `decoder` (the NNX module), `logprobs`, `generate`, `capture`
+(inputs of the linear layers), `hf` and `gguf` (checkpoint I/O), `sharding` (meshes).
+"""
 
 from ogpsa_jax.models.config import (
     DecoderConfig,
@@ -8,8 +13,9 @@ from ogpsa_jax.models.config import (
     tiny_config,
 )
 from ogpsa_jax.models.decoder import Decoder, init_random
-from ogpsa_jax.models.generate import generate, sequence_logprobs, token_logprob_sums
+from ogpsa_jax.models.generate import generate
 from ogpsa_jax.models.hf import load_hf, save_hf
+from ogpsa_jax.models.logprobs import sequence_logprobs
 from ogpsa_jax.models.sharding import make_mesh, param_shardings
 
 __all__ = [
@@ -26,5 +32,4 @@ __all__ = [
     "sequence_logprobs",
     "smollm2_135m_config",
     "tiny_config",
-    "token_logprob_sums",
 ]

@@ -1,8 +1,9 @@
 """The inputs of every linear layer of the decoder, for GPM-style activation bases.
 
-`capture_inputs` runs the decoder's full-sequence forward with the scanned block's capture
-path switched on (`_block(..., taps=)`: a trace-time branch, so the normal forward's program is
-unchanged) and returns, per projected weight, the rows ``x`` that multiply it (``y = x @ W``):
+`capture_inputs` runs the decoder's full-sequence forward with the block's capture switch on
+(`ogpsa_jax.models.functional.hidden_states_with_taps`: a trace-time flag, so the normal
+forward's program is unchanged) and returns, per projected weight, the rows ``x`` that multiply
+it (``y = x @ W``):
 
 | weight | its input | captured shape |
 | --- | --- | --- |
@@ -19,36 +20,29 @@ rows when the batch has fewer real tokens. Zero rows carry no energy, so
 `matrix_basis_from_activations` ignores them; ``row_valid`` says which rows are real.
 
 Example:
-    >>> cap = capture_inputs(model.params(), model.config, ids, mask, rows=64)  # doctest: +SKIP
-    >>> basis = matrix_basis_from_activations(cap.inputs, k=16)  # doctest: +SKIP
+    >>> from ogpsa_jax.models import init_random, tiny_config
+    >>> model = init_random(tiny_config(), dtype=jnp.float32)
+    >>> ids = jnp.ones((2, 7), jnp.int32)
+    >>> cap = capture_inputs(model.params(), model.config, ids, rows=5)
+    >>> cap.inputs["layers"]["o_proj"].shape  # (num_layers, rows, num_heads * head_dim)
+    (3, 5, 64)
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import AxisType
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.decoder import (
-    _block,
-    _logits,
-    _rms_norm,
-    attention_chunk_rows,
-    layer_param_shapes,
-    rope_tables,
-)
-from ogpsa_jax.projection import resolve_dims
-
-logger = logging.getLogger(__name__)
+from ogpsa_jax.models.decoder import layer_param_shapes
+from ogpsa_jax.models.functional import head_logits, hidden_states_with_taps
 
 _F32 = jnp.float32
-# Stacked layer weight -> the tap (see `_block`) holding its input.
+# Stacked layer weight -> the block tap (`ogpsa_jax.models.layers.BLOCK_TAPS`) holding its input.
 SITES: dict[str, str] = {
     "q_proj": "attn_in",
     "k_proj": "attn_in",
@@ -112,27 +106,17 @@ def _capture(
     valid_R: jax.Array,
     with_logits: bool,
 ) -> dict[str, jax.Array]:
-    valid_BxL = attention_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(valid_BxL.astype(jnp.int32), axis=-1) - 1, 0)
-    cos, sin = rope_tables(config, positions)
-    n = input_ids.shape[1]
-    mask_BxLxL = jnp.tril(jnp.ones((n, n), bool))[None] & valid_BxL[:, None, :]
     keep_Rx1 = valid_R[:, None].astype(_F32)
-    pick = lambda x_NxI: x_NxI[idx_R].astype(_F32) * keep_Rx1
-    chunk = attention_chunk_rows(n)
+    pick = lambda x_NxI: x_NxI[idx_R].astype(_F32) * keep_Rx1  # noqa: E731
 
-    def body(h: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        taps: dict[str, jax.Array] = {}
-        h, _ = _block(p, h, cos, sin, mask_BxLxL, config, dtype, None, 0, taps=taps, chunk=chunk)
-        return h, {name: pick(x) for name, x in taps.items()}
+    def tap(taps: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return {name: pick(x) for name, x in taps.items()}
 
-    h = params["embed_tokens"].astype(dtype)[input_ids]
-    h, out = jax.lax.scan(body, h, params["layers"])
+    hn, out = hidden_states_with_taps(params, config, dtype, input_ids, attention_mask, tap)
     if not config.tie_word_embeddings:
-        hn = _rms_norm(h, params["final_norm"], config.rms_norm_eps, dtype)
         out["head_in"] = pick(hn.reshape(-1, hn.shape[-1]))
     if with_logits:
-        out["logits"] = _logits(params, h, config, dtype)
+        out["logits"] = head_logits(params, config, dtype, hn)
     return out
 
 
@@ -161,11 +145,16 @@ def capture_inputs(
 
     Returns:
         A `CapturedInputs` whose ``inputs`` feed `matrix_basis_from_activations` directly
-        (after `inputs_like` when the basis must match another tree, e.g. an nnx.State).
+        (after `ogpsa_jax.train.activation.inputs_like` when the basis must match another
+        tree, e.g. an nnx.State).
 
     Example:
-        >>> cap = capture_inputs(model.params(), model.config, ids, mask)  # doctest: +SKIP
-        >>> cap.inputs["layers"]["down_proj"].shape  # (L, B*T, intermediate_size)
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> model = init_random(tiny_config(), dtype=jnp.float32)
+        >>> ids = jnp.ones((2, 7), jnp.int32)
+        >>> cap = capture_inputs(model.params(), model.config, ids)
+        >>> cap.inputs["layers"]["down_proj"].shape  # (num_layers, B * T, intermediate_size)
+        (3, 14, 176)
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -208,58 +197,6 @@ def capture_inputs(
     return CapturedInputs(inputs=inputs, row_valid=valid_R, logits=out.get("logits"))
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-    """A key path as "layers/q_proj" (dict keys and attributes; an nnx trailing "value" dropped)."""
-    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
-
-
-def inputs_like(params: Any, inputs: dict[str, Any], *, dims: Any = None, mask: Any = None) -> Any:
-    """Arranges captured inputs like ``params`` (e.g. an nnx.State), for a given basis layout.
-
-    Args:
-        params: the parameter tree the basis is for (leaf paths "layers/q_proj", "lm_head", ...
-            as in `Decoder.params()`; nnx Variables are fine).
-        inputs: `CapturedInputs.inputs` (or rows stacked over batches, same structure).
-        dims: input axis per leaf as given to `ogpsa_matrix` (None = its default).
-        mask: as given to `ogpsa_matrix`; leaves it skips get None.
-
-    Returns:
-        A tree with the structure of ``params``: the captured rows for every leaf that
-        `ogpsa_matrix(dims=dims, mask=mask)` projects, None elsewhere.
-
-    Raises:
-        ValueError: a projected leaf has no captured input, or its input width is not the
-            width of the leaf's input axis.
-
-    Example:
-        >>> acts = inputs_like(state_params, cap.inputs, mask=mask)  # doctest: +SKIP
-    """
-    flat: dict[str, Any] = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
-        flat[_path_name(path)] = x
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
-    )
-    axes = resolve_dims(params, dims, mask)
-    out = []
-    for (path, leaf), axis in zip(leaves, axes, strict=True):
-        if axis is None:
-            out.append(None)
-            continue
-        name = _path_name(path)
-        if name not in flat:
-            raise ValueError(f"parameter {name!r} is projected but the decoder has no input for it")
-        x, width = flat[name], jnp.shape(leaf)[axis]
-        if jnp.shape(x)[-1] != width:
-            raise ValueError(
-                f"captured input of {name!r} has width {jnp.shape(x)[-1]} but the leaf's input "
-                f"axis {axis} has size {width} (shape {jnp.shape(leaf)}): use the default dims"
-            )
-        out.append(x)
-    return jax.tree.unflatten(treedef, out)
-
-
 def stack_rows(trees: Iterable[Any]) -> Any:
     """Concatenates captured input trees of several batches along the row axis (-2).
 
@@ -270,7 +207,8 @@ def stack_rows(trees: Iterable[Any]) -> Any:
         One tree with rows of all batches.
 
     Example:
-        >>> acts = stack_rows(capture_inputs(p, cfg, b["input_ids"]).inputs for b in bs)
+        >>> stack_rows([{"x": jnp.ones((3, 2, 5))}, {"x": jnp.ones((3, 4, 5))}])["x"].shape
+        (3, 6, 5)
     """
     trees = list(trees)
     if not trees:
@@ -278,4 +216,4 @@ def stack_rows(trees: Iterable[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-2), *trees)
 
 
-__all__ = ["CapturedInputs", "capture_inputs", "inputs_like", "sample_rows", "stack_rows"]
+__all__ = ["CapturedInputs", "SITES", "capture_inputs", "sample_rows", "stack_rows"]

@@ -6,7 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Our architecture name -> the transformers class name written into config.json.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -39,10 +40,10 @@ class DecoderConfig:
     pad_token_id: int | None = None  # padding id
 
     def __post_init__(self) -> None:
-        if self.architecture not in _ARCHITECTURES:
+        if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"unknown architecture {self.architecture!r}; expected one of "
-                f"{sorted(_ARCHITECTURES)}"
+                f"{sorted(ARCHITECTURES)}"
             )
         for name in (
             "vocab_size",
@@ -108,13 +109,14 @@ class DecoderConfig:
             The matching `DecoderConfig`.
 
         Example:
-            >>> DecoderConfig.from_hf(json.load(open("ckpt/config.json")))  # doctest: +SKIP
+            >>> DecoderConfig.from_hf(tiny_config().to_hf_dict()) == tiny_config()
+            True
         """
         c = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
         model_type = c.get("model_type")
-        if model_type not in _ARCHITECTURES:
+        if model_type not in ARCHITECTURES:
             raise ValueError(
-                f"unknown model_type {model_type!r}; supported: {sorted(_ARCHITECTURES)}"
+                f"unknown model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}"
             )
         if c.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window=True) is not supported")
@@ -167,7 +169,7 @@ class DecoderConfig:
             rope["rope_type"] = rope.pop("type", rope.get("rope_type"))
         eos = self.eos_token_id
         d: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[self.architecture]],
+            "architectures": [ARCHITECTURES[self.architecture]],
             "model_type": self.architecture,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,

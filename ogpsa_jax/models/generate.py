@@ -1,4 +1,4 @@
-"""Batched generation with a KV cache, and sequence log-probabilities."""
+"""Batched generation from left-padded prompts with a KV cache (greedy or nucleus sampling)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.decoder import Decoder, forward_with_cache, with_auto_axes
+from ogpsa_jax.models.decoder import Decoder
+from ogpsa_jax.models.functional import forward_with_cache, token_positions
+from ogpsa_jax.models.sharding import with_auto_axes
 
 
 def _sample(logits_BxV: jax.Array, greedy: bool, temperature, top_p, key) -> jax.Array:
@@ -77,9 +79,8 @@ def _generate_loop(
     valid_BxP = attention_mask.astype(bool)
     kv_valid_BxT = jnp.concatenate([valid_BxP, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     n_real_B = jnp.sum(valid_BxP, axis=1, dtype=jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(valid_BxP, axis=1, dtype=jnp.int32) - 1, 0)
     logits, caches = forward_with_cache(
-        params, config, dtype, input_ids, positions, kv_valid_BxT, caches, 0
+        params, config, dtype, input_ids, token_positions(valid_BxP), kv_valid_BxT, caches, 0
     )
     rng, key = jax.random.split(rng)
     token_B = _sample(logits[:, -1], greedy, temperature, top_p, key)
@@ -143,7 +144,11 @@ def generate(
         int32 [B, max_new_tokens] new tokens.
 
     Example:
-        >>> out = generate(model, ids, mask, max_new_tokens=16, eos_token_id=2)  # doctest: +SKIP
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> model = init_random(tiny_config(), dtype=jnp.float32)
+        >>> ids = jnp.ones((2, 5), jnp.int32)
+        >>> generate(model, ids, jnp.ones_like(ids), max_new_tokens=4, eos_token_id=2).shape
+        (2, 4)
     """
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -175,47 +180,3 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         greedy=greedy,
     )
-
-
-def sequence_logprobs(
-    model: Decoder,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    loss_mask: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Sum of log p(token_t | tokens_<t) over target positions, and their count.
-
-    Args:
-        model: the decoder.
-        input_ids: [B, L] token ids.
-        attention_mask: [B, L], 1 for real tokens.
-        loss_mask: [B, L], 1 where input_ids[b, t] is a target token (position 0 is never one).
-
-    Returns:
-        (sum_logp [B] float32, count [B] float32).
-
-    Example:
-        >>> logp, n = sequence_logprobs(model, ids, mask, loss_mask)  # doctest: +SKIP
-    """
-    if not input_ids.shape == attention_mask.shape == loss_mask.shape:
-        raise ValueError(
-            f"shapes differ: input_ids {input_ids.shape}, attention_mask {attention_mask.shape}, "
-            f"loss_mask {loss_mask.shape}"
-        )
-    logits_BxLxV = model(input_ids, attention_mask)
-    return token_logprob_sums(logits_BxLxV, input_ids, loss_mask)
-
-
-def token_logprob_sums(
-    logits_BxLxV: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of target log-probs [B], count [B]) from logits; targets are input_ids[:, 1:].
-
-    The target logit minus the logsumexp, so no second [B, L, V] array (a full log-softmax) is
-    materialised. The training losses (`ogpsa_jax.train.losses`) use this same function.
-    """
-    logits_BxTxV = logits_BxLxV[:, :-1].astype(jnp.float32)
-    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    picked_BxT = jnp.take_along_axis(logits_BxTxV, input_ids[:, 1:, None], axis=-1)[..., 0]
-    m = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum((picked_BxT - logz_BxT) * m, axis=1), jnp.sum(m, axis=1)

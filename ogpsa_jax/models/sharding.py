@@ -1,4 +1,5 @@
-"""Meshes with (data, fsdp, tensor) axes and the NamedShardings of the decoder's parameters."""
+"""Meshes with (data, fsdp, tensor) axes, the NamedShardings of the decoder's parameters, and
+the GSPMD wrapper its entry points run under on meshes with Explicit axes."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def make_mesh(
         A `jax.sharding.Mesh`.
 
     Example:
-        >>> mesh = make_mesh((2, 2, 2))  # doctest: +SKIP
+        >>> make_mesh((1, 1, 1)).shape  # on 8 devices, e.g. make_mesh((2, 2, 2))
+        OrderedDict({'data': 1, 'fsdp': 1, 'tensor': 1})
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -84,7 +86,10 @@ def param_shardings(model_or_state: Any, mesh: Mesh) -> Any:
         A pytree with the structure of `nnx.state(model, nnx.Param)` holding NamedShardings.
 
     Example:
-        >>> shardings = param_shardings(model, make_mesh((2, 2, 2)))  # doctest: +SKIP
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> model = init_random(tiny_config())
+        >>> param_shardings(model, make_mesh((1, 1, 1)))["layers"]["q_proj"].get_value().spec
+        P(None, 'fsdp', 'tensor')
     """
     state = (
         nnx.state(model_or_state, nnx.Param)
@@ -100,3 +105,36 @@ def param_shardings(model_or_state: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def with_auto_axes(fn: Any, out_shape: tuple[int, ...], batch_like: Any = None) -> Any:
+    """Runs `fn` with GSPMD propagation when the ambient mesh has Explicit axes.
+
+    The decoder's matmuls contract sharded dimensions, which Explicit-axis typing refuses
+    without per-op output shardings; inside `auto_axes` XLA chooses them. The result's leading
+    (batch) axis is sharded like `batch_like`'s leading axis when that one is sharded (a
+    training batch split over `data` and `fsdp` gives logits split the same way, so the loss's
+    gather by token id needs no collective), else over `data` (replicated where `data` does not
+    divide the batch).
+
+    Args:
+        fn: the function to wrap (returns one array of `out_shape`).
+        out_shape: shape of `fn`'s result.
+        batch_like: an input whose leading-axis sharding the result should share.
+
+    Returns:
+        `fn` itself without an Explicit ambient mesh, else `fn` under `jax.sharding.auto_axes`.
+
+    Example:
+        >>> with_auto_axes(jax.numpy.sin, (3,))(jax.numpy.zeros(3))  # no mesh: fn unchanged
+        Array([0., 0., 0.], dtype=float32)
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return fn
+    spec = fit_spec(("data",) + (None,) * (len(out_shape) - 1), out_shape, dict(mesh.shape))
+    if batch_like is not None:
+        batch_spec = getattr(jax.typeof(batch_like).sharding, "spec", None)
+        if batch_spec and batch_spec[0] is not None:
+            spec = PartitionSpec(batch_spec[0], *([None] * (len(out_shape) - 1)))
+    return jax.sharding.auto_axes(fn, out_sharding=spec)

@@ -16,7 +16,7 @@ from ogpsa_jax.train.config import (
     validate,
 )
 from ogpsa_jax.train.loop import EXIT_PREEMPTED, NonFiniteError, TrainResult, train
-from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, sequence_logps, token_nll
+from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, token_nll
 from ogpsa_jax.train.step import make_optimizer, make_train_step
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "preset",
-    "sequence_logps",
     "token_nll",
     "train",
     "validate",

@@ -5,10 +5,12 @@ capture path on (`ogpsa_jax.models.capture`), ``capture_rows`` token rows in tot
 (spread evenly over the batches; the same positions every refresh), and
 `matrix_basis_from_activations` turns each projected weight's input rows into ``V``
 (``ogpsa.k`` columns, or fewer by GPM's ``energy`` rule). With ``ogpsa.union`` the new
-directions are added to the previous basis instead of replacing it.
+directions are added to the previous basis instead of replacing it. `inputs_like` is the glue
+between the two layers: it arranges the decoder's captured inputs like the parameter tree the
+transform sees, for the input axes and mask the transform uses.
 
 Example:
-    >>> refresh = make_activation_refresh(graphdef, rest, og, groups, place=put)  # +SKIP
+    >>> refresh = make_activation_refresh(graphdef, rest, og, groups)  # doctest: +SKIP
     >>> opt_state, metrics = refresh(params, opt_state)  # doctest: +SKIP
 """
 
@@ -25,17 +27,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ogpsa_jax._tree import is_masked, path_str
 from ogpsa_jax.bases import matrix_basis_from_activations
-from ogpsa_jax.models.capture import capture_inputs, inputs_like, stack_rows
+from ogpsa_jax.models.capture import capture_inputs, stack_rows
+from ogpsa_jax.projection import resolve_dims
 from ogpsa_jax.train.config import OGPSAConfig
 from ogpsa_jax.train.losses import token_nll
 from ogpsa_jax.train.step import param_mask
 
 logger = logging.getLogger(__name__)
-
-
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
 
 
 def rows_per_batch(capture_rows: int, n_batches: int) -> int:
@@ -57,6 +57,56 @@ def rows_per_batch(capture_rows: int, n_batches: int) -> int:
             f"need capture_rows >= 1 and batches >= 1, got {capture_rows}, {n_batches}"
         )
     return -(-capture_rows // n_batches)
+
+
+def inputs_like(params: Any, inputs: dict[str, Any], *, dims: Any = None, mask: Any = None) -> Any:
+    """Arranges captured inputs like ``params`` (e.g. an nnx.State), for a given basis layout.
+
+    Args:
+        params: the parameter tree the basis is for (leaf paths "layers/q_proj", "lm_head", ...
+            as in `Decoder.params()`; nnx Variables are fine).
+        inputs: `ogpsa_jax.models.capture.CapturedInputs.inputs` (or rows stacked over
+            batches with `stack_rows`, same structure).
+        dims: input axis per leaf as given to `ogpsa_matrix` (None = its default).
+        mask: as given to `ogpsa_matrix`; leaves it skips get None.
+
+    Returns:
+        A tree with the structure of ``params``: the captured rows for every leaf that
+        `ogpsa_matrix(dims=dims, mask=mask)` projects, None elsewhere.
+
+    Raises:
+        ValueError: a projected leaf has no captured input, or its input width is not the
+            width of the leaf's input axis.
+
+    Example:
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> model = init_random(tiny_config(), dtype=jnp.float32)
+        >>> cap = capture_inputs(model.params(), model.config, jnp.ones((2, 7), jnp.int32))
+        >>> acts = inputs_like(nnx.state(model, nnx.Param), cap.inputs)
+        >>> acts["layers"]["up_proj"][...].shape  # (num_layers, rows, hidden_size)
+        (3, 14, 64)
+    """
+    flat: dict[str, Any] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
+        flat[path_str(path)] = x
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)
+    axes = resolve_dims(params, dims, mask)
+    out = []
+    for (path, leaf), axis in zip(leaves, axes, strict=True):
+        if axis is None:
+            out.append(None)
+            continue
+        name = path_str(path)
+        if name not in flat:
+            raise ValueError(f"parameter {name!r} is projected but the decoder has no input for it")
+        x, width = flat[name], jnp.shape(leaf)[axis]
+        if jnp.shape(x)[-1] != width:
+            raise ValueError(
+                f"captured input of {name!r} has width {jnp.shape(x)[-1]} but the leaf's input "
+                f"axis {axis} has size {width} (shape {jnp.shape(leaf)}): use the default dims"
+            )
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
 
 
 def make_activation_refresh(
@@ -150,7 +200,7 @@ def make_activation_refresh(
         old = None
         if og.union:  # one previous V per distinct input (the leaves sharing it hold equal V)
             old_leaves = jax.tree.leaves(
-                get_basis(opt_state), is_leaf=lambda x: x is None or _is_masked(x)
+                get_basis(opt_state), is_leaf=lambda x: x is None or is_masked(x)
             )
             old = [None] * len(per_batch[0])
             for j, v in zip(index, old_leaves, strict=True):
@@ -169,7 +219,7 @@ def make_activation_refresh(
                 leaves.append(distinct_basis[j] if j not in used else jnp.copy(distinct_basis[j]))
                 used.add(j)
         basis = jax.tree.unflatten(treedef, leaves)
-        vs = [v for v in jax.tree.leaves(basis, is_leaf=_is_masked) if not _is_masked(v)]
+        vs = [v for v in jax.tree.leaves(basis, is_leaf=is_masked) if not is_masked(v)]
         finite = all(bool(jnp.all(jnp.isfinite(v))) for v in vs)
         ok = finite and math.isfinite(nll)
         if ok:
@@ -187,4 +237,4 @@ def make_activation_refresh(
     return refresh
 
 
-__all__ = ["make_activation_refresh", "rows_per_batch"]
+__all__ = ["inputs_like", "make_activation_refresh", "rows_per_batch"]

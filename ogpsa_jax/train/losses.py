@@ -1,4 +1,4 @@
-"""Training losses: token cross-entropy as (sum, count), sequence log-probs, and the DPO loss.
+"""Training losses: token cross-entropy as (sum, count) and the DPO loss.
 
 Batch convention (shared with ``ogpsa_jax.data``): ``input_ids``, ``attention_mask`` and
 ``loss_mask`` of shape [B, L]; ``loss_mask[b, t] = 1`` iff ``input_ids[b, t]`` is a target, so
@@ -14,14 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ogpsa_jax.models.generate import token_logprob_sums
+from ogpsa_jax.models import sequence_logprobs
 
 _F32 = jnp.float32
-
-
-# (sum_logp [B], count [B]) of the target tokens per row, in float32: the models package's
-# implementation, so scoring, evaluation and training share one definition.
-sequence_logps = token_logprob_sums
 
 
 def token_nll(
@@ -40,7 +35,7 @@ def token_nll(
     Example:
         >>> total, n = token_nll(logits, ids, mask)  # doctest: +SKIP
     """
-    s_B, n_B = sequence_logps(logits_BxLxV, input_ids_BxL, loss_mask_BxL)
+    s_B, n_B = sequence_logprobs(logits_BxLxV, input_ids_BxL, loss_mask_BxL)
     return -jnp.sum(s_B), jnp.sum(n_B)
 
 

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ogpsa_jax.models import sequence_logprobs
 from ogpsa_jax.train.config import FLAT_METHODS, StageConfig
-from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, sequence_logps, token_nll
+from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, token_nll
 
 _F32 = jnp.float32
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -168,7 +169,7 @@ def dpo_micro_loss(apply_fn: ApplyFn, stage: StageConfig) -> Callable:
 
     def row_logps(params: Any, micro: dict[str, jax.Array]) -> jax.Array:
         logits = apply_fn(params, micro["input_ids"], micro["attention_mask"])
-        s, n = sequence_logps(logits, micro["input_ids"], micro["loss_mask"])
+        s, n = sequence_logprobs(logits, micro["input_ids"], micro["loss_mask"])
         return s / jnp.maximum(n, 1.0) if stage.loss_type == "ipo" else s
 
     def loss(params: Any, micro: dict[str, jax.Array], ref_params: Any) -> Any:
@@ -307,7 +308,7 @@ def make_logps_fn(apply_fn: ApplyFn, stage: StageConfig) -> Callable:
 
     def f(params: Any, batch: dict) -> jax.Array:
         logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
-        s, n = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        s, n = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
         return s / jnp.maximum(n, 1.0) if stage.loss_type == "ipo" else s
 
     return f
