@@ -23,16 +23,12 @@ from typing import Any
 
 from flax import nnx
 
-from ogpsa_jax.eval.evaluators import (
-    drift,
-    gsm8k_exact_match,
-    gsm8k_mc_accuracy,
-    multiple_choice_accuracy,
-    reference_answers,
-    refusal_rate,
-)
+from ogpsa_jax.eval.drift import drift, reference_answers
+from ogpsa_jax.eval.gsm8k import gsm8k_exact_match, gsm8k_mc_accuracy
 from ogpsa_jax.eval.judge import Judge, KeywordJudge
+from ogpsa_jax.eval.multiple_choice import multiple_choice_accuracy
 from ogpsa_jax.eval.prompts import HARMFUL_EVAL_SETS, load_prompt_set
+from ogpsa_jax.eval.refusal import refusal_rate
 
 logger = logging.getLogger(__name__)
 
