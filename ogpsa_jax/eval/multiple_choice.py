@@ -20,13 +20,18 @@ from ogpsa_jax.eval.generation import encode_prompts
 from ogpsa_jax.eval.scoring import score_continuations
 
 
-def _mc_requests(
-    tokenizer: Any,
-    items: Sequence[Mapping[str, Any]],
-    *,
-    system_prompt: str | None,
-    chat: bool,
-) -> list[tuple[list[int], list[int]]]:
+def check_mc_items(items: Sequence[Mapping[str, Any]]) -> None:
+    """Raises ValueError naming the first malformed multiple-choice item.
+
+    Args:
+      items: dicts with ``prompt``, ``choices`` (at least two) and ``answer`` (a valid index).
+
+    Example:
+      >>> check_mc_items([{"prompt": "q", "choices": ["a", "b"], "answer": 2}])
+      Traceback (most recent call last):
+      ...
+      ValueError: item 0: answer 2 out of range
+    """
     for i, item in enumerate(items):
         for field in ("prompt", "choices", "answer"):
             if field not in item:
@@ -35,6 +40,16 @@ def _mc_requests(
             raise ValueError(f"item {i} has {len(item['choices'])} choices; need >= 2")
         if not 0 <= int(item["answer"]) < len(item["choices"]):
             raise ValueError(f"item {i}: answer {item['answer']} out of range")
+
+
+def _mc_requests(
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    system_prompt: str | None,
+    chat: bool,
+) -> list[tuple[list[int], list[int]]]:
+    check_mc_items(items)
     contexts = encode_prompts(
         tokenizer, [it["prompt"] for it in items], system_prompt=system_prompt, chat=chat
     )
