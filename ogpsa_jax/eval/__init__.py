@@ -32,7 +32,7 @@ from ogpsa_jax.eval.judge import (
     strongreject_rubric_prompt,
 )
 from ogpsa_jax.eval.lm_eval_adapter import LMEvalAdapter
-from ogpsa_jax.eval.multiple_choice import multiple_choice_accuracy
+from ogpsa_jax.eval.multiple_choice import check_mc_items, multiple_choice_accuracy
 from ogpsa_jax.eval.prompts import (
     GSM8K_ANSWER_CUE,
     HARMFUL_EVAL_SETS,
@@ -45,9 +45,17 @@ from ogpsa_jax.eval.prompts import (
 )
 from ogpsa_jax.eval.refusal import judge_refusals, refusal_rate
 from ogpsa_jax.eval.scoring import score_continuations
-from ogpsa_jax.eval.suite import EvalConfig, drift_reference, evaluate_alignment, full_eval_config
+from ogpsa_jax.eval.suite import (
+    EVAL_SETS,
+    EvalConfig,
+    drift_reference,
+    evaluate_alignment,
+    full_eval_config,
+    load_eval_sets,
+)
 
 __all__ = [
+    "EVAL_SETS",
     "EvalConfig",
     "GSM8K_ANSWER_CUE",
     "HARMFUL_EVAL_SETS",
@@ -57,6 +65,7 @@ __all__ = [
     "KeywordJudge",
     "LMEvalAdapter",
     "ModelJudge",
+    "check_mc_items",
     "drift",
     "drift_reference",
     "encode_prompts",
@@ -72,6 +81,7 @@ __all__ = [
     "gsm8k_mc_accuracy",
     "judge_refusals",
     "licence_path",
+    "load_eval_sets",
     "load_prompt_set",
     "multiple_choice_accuracy",
     "normalise_prompt",
