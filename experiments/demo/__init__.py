@@ -32,7 +32,7 @@ change (converted model, starting-model answers, data files, trained runs) is ca
 ``results/demo/cache/``.
 
 Modules: `config` (DemoConfig, presets, validation), `data` (prompt sets, training files),
-`run` (the orchestration), ``__main__`` (the command line).
+`stages` (training stages), `run` (the orchestration), ``__main__`` (the command line).
 
 Example:
     >>> from experiments import demo
@@ -52,12 +52,14 @@ from experiments.demo.config import (
     validate,
 )
 from experiments.demo.data import TrainingData, select_prompts, write_training_data
-from experiments.demo.run import run_demo, stage_train_config
+from experiments.demo.run import run_demo
+from experiments.demo.stages import Stages, stage_train_config
 
 __all__ = [
     "METHODS",
     "PIPELINES",
     "PRESETS",
+    "Stages",
     "DemoConfig",
     "TrainingData",
     "default_config",

@@ -4,8 +4,9 @@
    (drift reference, DPO rejected answers, capability reference; cached) and the training
    files.
 2. `evaluate_run` on the starting model.
-3. `train_runs`: each "method:pipeline" of ``config.runs``; a method's SFT stage is trained once
-   and reused by its SFT->DPO run (`Stages`), each trained model evaluated.
+3. `train_runs`: each "method:pipeline" of ``config.runs`` (training in
+   ``experiments.demo.stages``: a method's SFT stage is trained once and reused by its SFT->DPO
+   run), each trained model evaluated.
 4. `weight_averaging_runs`: start <-> the naive tuned model at each mixing weight (evaluations
    only).
 5. `results_meta` and ``ogpsa_jax.experiment.report.write_results``: results.json, results.md,
@@ -24,10 +25,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -38,6 +37,7 @@ from transformers import AutoTokenizer
 
 from experiments.demo.config import DemoConfig, eval_config, validate
 from experiments.demo.data import TrainingData, prompts_of, select_prompts, write_training_data
+from experiments.demo.stages import Stages
 from ogpsa_jax import eval as ev
 from ogpsa_jax import models
 from ogpsa_jax.data import assets_path, pad_token_id
@@ -46,7 +46,6 @@ from ogpsa_jax.experiment.averaging import average_models
 from ogpsa_jax.experiment.report import write_results
 from ogpsa_jax.experiment.timing import PhaseClock, load_average, machine_info
 from ogpsa_jax.models.gguf import smollm2_path
-from ogpsa_jax.train import ModelConfig, OGPSAConfig, StageConfig, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -203,154 +202,6 @@ def evaluate_run(
     return run
 
 
-# ----------------------------------------------------------------------------- training
-
-
-def stage_train_config(
-    config: DemoConfig,
-    *,
-    method: str,
-    stage: str,
-    model_dir: str,
-    data: str,
-    reference: tuple[str, ...],
-    n_rows: int,
-) -> TrainConfig:
-    """The library `TrainConfig` of one stage (SFT or DPO) of a demo run.
-
-    Example:
-        >>> from experiments.demo.config import default_config
-        >>> cfg = stage_train_config(default_config(), method="ogpsa", stage="sft",
-        ...     model_dir="m", data="d.jsonl", reference=("a.jsonl", "b.jsonl"), n_rows=96)
-        >>> cfg.sft.ogpsa.method, cfg.sft.ogpsa.k, cfg.sft.max_steps
-        ('gram_schmidt', 2, 24)
-    """
-    sft = stage == "sft"
-    steps = config.sft_steps if sft else config.dpo_steps
-    batch = config.sft_batch if sft else config.dpo_batch
-    basis = {  # method -> (OGPSAConfig.method, k, energy)
-        "ogpsa": ("gram_schmidt", len(reference), 0.0),
-        "ogpsa-svd": ("svd", config.svd_k, 0.0),
-        "ogpsa-gpm": ("activation", config.gpm_k, config.gpm_energy),
-    }
-    kind, k, energy = basis.get(method, ("gram_schmidt", len(reference), 0.0))
-    og = OGPSAConfig(
-        enabled=method in basis,
-        method=kind,
-        k=k,
-        energy=energy,
-        refresh_every=config.sft_refresh if sft else config.dpo_refresh,
-        reference=reference,
-        reference_rows=max(1, config.reference_prompts // len(reference)),
-        reference_batch_size=config.reference_batch,
-        capture_rows=config.gpm_rows,
-    )
-    st = StageConfig(
-        data=data,
-        epochs=math.ceil(steps * batch / max(n_rows, 1)) + 1,
-        max_steps=steps,
-        batch_size=batch,
-        accum_steps=1,
-        max_length=config.max_length,
-        learning_rate=config.sft_lr if sft else config.dpo_lr,
-        schedule="cosine",
-        beta=config.dpo_beta,
-        ogpsa=og,
-    )
-    tokenizer = "" if config.model == "smollm2" else model_dir
-    model = ModelConfig(
-        init="hf",
-        path=model_dir,
-        tokenizer=tokenizer,
-        dtype=config.dtype,
-        param_dtype="float32",
-        frozen_layers=config.frozen_layers,
-    )
-    base = TrainConfig(
-        seed=config.seed,
-        num_devices=config.num_devices,
-        mesh=(1, -1, 1),
-        model=model,
-        # No orbax checkpoints (each would write ~1.6 GB of weights and AdamW moments): a demo
-        # stage is minutes long and is simply rerun if killed; its result is the final export.
-        checkpoint_every=0,
-        max_to_keep=1,
-    )
-    return dataclasses.replace(base, **{stage: st})
-
-
-def train_stage(kind: str, train_config: TrainConfig, run_dir: str) -> tuple[str, int, float]:
-    """Trains one stage (or reuses a finished identical run); returns (final dir, steps, s)."""
-    timing = os.path.join(run_dir, "demo_timing.json")
-    t0 = time.perf_counter()
-    result = train(kind, train_config, run_dir, overwrite=True)
-    seconds = time.perf_counter() - t0
-    if result.final_dir is None:
-        raise RuntimeError(f"training in {run_dir} was preempted; rerun the demo to resume")
-    if os.path.isfile(timing) and seconds < 5.0:  # reused a finished run: report its real cost
-        with open(timing) as f:
-            seconds = json.load(f)["seconds"]
-    else:
-        with open(timing, "w") as f:
-            json.dump({"seconds": seconds, "steps": result.step}, f)
-    return result.final_dir, result.step, seconds
-
-
-def stage_breakdown(run_dir: str) -> dict[str, float]:
-    """Step and basis-refresh seconds of a finished stage, read from its metrics.jsonl (the first
-    step's time includes compiling the step)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    out = {"first_step_s": 0.0, "steps_s": 0.0, "refresh_s": 0.0}
-    if not os.path.isfile(path):
-        return out
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for i, r in enumerate(rows):
-        dt = r["tokens"] / r["tokens_per_s"] if r.get("tokens_per_s") else 0.0
-        out["first_step_s" if i == 0 else "steps_s"] += dt
-        out["refresh_s"] += r.get("refresh_s", 0.0)
-    return {k: round(v, 2) for k, v in out.items()}
-
-
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-class Stages:
-    """Trains each (method, stage) once; a later run that needs it (SFT->DPO) reuses it."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.done: dict[tuple[str, str], tuple[str, int, float]] = {}
-        self.breakdown: dict[str, dict[str, float]] = {}  # phase name -> stage_breakdown
-
-    def get(self, method: str, kind: str, init_dir: str, tag: str) -> tuple[str, int, float]:
-        """``(final dir, steps, seconds)`` of ``method``'s stage ``kind`` from ``init_dir``."""
-        if (method, tag) in self.done:
-            return self.done[(method, tag)]
-        ctx = self.ctx
-        data, n_rows = ctx.data.stage_file(kind, replay=method == "replay")
-        cfg = stage_train_config(
-            ctx.config,
-            method=method,
-            stage=kind,
-            model_dir=init_dir,
-            data=data,
-            reference=ctx.data.reference,
-            n_rows=n_rows,
-        )
-        # The run folder is named by the data it trains on: train() resumes or reuses a run
-        # whose config matches, and the config names the data files, not their contents.
-        stamp = targets.cache_key(*(_digest(f) for f in (data, *ctx.data.reference)), init_dir)
-        run_dir = os.path.join(ctx.cache_dir, "runs", f"{method}-{tag}-{stamp[:8]}")
-        phase = f"train {method} {tag}"
-        with ctx.clock.phase(phase):
-            self.done[(method, tag)] = train_stage(kind, cfg, run_dir)
-        self.breakdown[phase] = stage_breakdown(run_dir)
-        return self.done[(method, tag)]
-
-
 def train_runs(ctx: Context, stages: Stages, bar: Any) -> dict[str, str]:
     """Trains and evaluates every run of ``config.runs``; returns spec -> final model dir."""
     finals: dict[str, str] = {}
@@ -455,7 +306,7 @@ def run_demo(
         bar = tqdm(total=1 + len(config.runs) + len(config.alphas), desc="demo runs")
         evaluate_run(ctx, "start", "none", ctx.start, 0, 0.0)
         bar.update(1)
-        stages = Stages(ctx)
+        stages = Stages(config, ctx.data, clock, os.path.join(cache_dir, "runs"))
         finals = train_runs(ctx, stages, bar)
         tuned_spec = weight_averaging_runs(ctx, finals, bar)
         bar.close()
