@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/ogpsa experiment demo
+	$(BIN)/python -m experiments.demo
 
 # All benchmarks: the projection (~2 min), the blocked causal attention (~3 min) and the train
 # step with its peers (~28 min, ~20 GB).

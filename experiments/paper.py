@@ -11,18 +11,18 @@ general data) and weight averaging with the starting model (evaluations only, of
 run).
 
 Each experiment's docstring states its question, the expected result and the exact command.
-Evaluation and plots use the demo's code (``ogpsa_jax.experiment.demo.evaluate`` on all
-prompts of every shipped set, ``ogpsa_jax.experiment.report.write_results``); the paper's
-capability benchmarks (SimpleQA, IFEval, ...) run through ``ogpsa_jax.eval.LMEvalAdapter``
-with lm-evaluation-harness where their data is available.
+Evaluation is the library's ``ogpsa_jax.eval.evaluate_alignment`` on every prompt of every
+shipped set (`EVAL`), plots and tables ``ogpsa_jax.experiment.report.write_results``; the
+paper's capability benchmarks (SimpleQA, IFEval, ...) run through
+``ogpsa_jax.eval.LMEvalAdapter`` with lm-evaluation-harness where their data is available.
 
 Commands (TPU v5e-8 / v4-8 slice, or one 8-GPU node; the model folder must exist locally, e.g.
 ``./Qwen2.5-7B-Instruct``; data sets come from the Hugging Face hub cache)::
 
-    python experiments/paper.py list
-    python experiments/paper.py run qwen_sft_dpo_ogpsa --output-dir runs/qwen_sft_dpo_ogpsa
-    python experiments/paper.py eval qwen_sft_dpo_ogpsa --output-dir runs/qwen_sft_dpo_ogpsa
-    python experiments/paper.py report runs/qwen_* --out results/paper_qwen
+    python -m experiments.paper list
+    python -m experiments.paper run qwen_sft_dpo_ogpsa --output-dir runs/qwen_sft_dpo_ogpsa
+    python -m experiments.paper eval qwen_sft_dpo_ogpsa --output-dir runs/qwen_sft_dpo_ogpsa
+    python -m experiments.paper report runs/qwen_* --out results/paper_qwen
 
 On a multi-host TPU pod slice run the same ``run`` command on every host (``--distributed``);
 on a larger slice scale mesh and batch together, e.g. ``--set mesh=2,16,1 --set
@@ -40,7 +40,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ogpsa_jax.train import TrainConfig, apply_overrides, preset, validate
+import jax
+import jax.numpy as jnp
+from transformers import AutoTokenizer
+
+from ogpsa_jax.data import load_preferences, load_sft
+from ogpsa_jax.eval import drift_reference, evaluate_alignment, full_eval_config, load_eval_sets
+from ogpsa_jax.experiment.averaging import average_models
+from ogpsa_jax.experiment.report import write_results
+from ogpsa_jax.models import load_hf
+from ogpsa_jax.train import TrainConfig, apply_overrides, preset, train, validate
 
 logger = logging.getLogger("experiments.paper")
 
@@ -52,6 +61,11 @@ PIPELINES = {"sft": "sft", "dpo": "dpo", "sft_dpo": "sft-dpo"}
 METHODS = ("naive", "ogpsa", "ogpsa_svd", "replay", "weight_avg")
 # Paper's headline (Qwen2.5-7B-Instruct, SFT->DPO, naive -> OGPSA).
 PAPER_HEADLINE = "SimpleQA 0.53% -> 3.03%, IFEval 51.94% -> 63.96%"
+# Weight-averaging mixing weights (start <-> the naive run).
+ALPHAS = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+# Every prompt of every shipped set; GSM8K-MC in capability, GSM8K by generation beside it;
+# 64-token starting-model answers for drift.
+EVAL = full_eval_config(gsm8k_mode="mc", gsm8k_generate=True, drift_max_new_tokens=64)
 
 _QUESTIONS = {
     "naive": "How much general capability does plain {pipe} safety tuning of {model} cost "
@@ -125,13 +139,13 @@ def _make(model: str, pipe_key: str, method: str) -> Experiment:
     expected = _EXPECTED[method].format(headline=PAPER_HEADLINE, headline_naive=headline_naive)
     if method == "weight_avg":
         cmd = (
-            f"python experiments/paper.py eval {name} --output-dir runs/{name} "
+            f"python -m experiments.paper eval {name} --output-dir runs/{name} "
             f"--tuned runs/{model}_{pipe_key}_naive"
         )
     else:
-        cmd = f"python experiments/paper.py run {name} --output-dir runs/{name}"
+        cmd = f"python -m experiments.paper run {name} --output-dir runs/{name}"
         if method == "replay":
-            cmd = f"python experiments/paper.py prepare {name} && " + cmd
+            cmd = f"python -m experiments.paper prepare {name} && " + cmd
     doc = "\n".join(
         [
             _QUESTIONS[method].format(pipe=pipeline, model=model_name),
@@ -173,8 +187,6 @@ def validate_experiment(exp: Experiment, device_count: int) -> None:
 
 def _prepare(exp: Experiment) -> None:
     """Writes the 1:1 safety + general mixes a replay experiment trains on."""
-    from ogpsa_jax.data import load_preferences, load_sft
-
     assert exp.train is not None
     os.makedirs("data", exist_ok=True)
     for stage in ("sft", "dpo"):
@@ -200,33 +212,26 @@ def _prepare(exp: Experiment) -> None:
 
 
 def _evaluate(exp: Experiment, output_dir: str, tuned: str | None) -> None:
-    import jax.numpy as jnp
-
-    from ogpsa_jax.eval import reference_answers
-    from ogpsa_jax.experiment import demo
-    from ogpsa_jax.experiment.averaging import average_models
-    from ogpsa_jax.models import load_hf
-
-    config = demo.full_config()
-    sets = demo.select_prompts(config)
+    if exp.method == "weight_avg" and tuned is None:
+        raise ValueError("weight_avg needs --tuned RUN_DIR (the naive run of the pipeline)")
     start_dir = MODELS[exp.model][1]
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(start_dir, local_files_only=True)
     start = load_hf(start_dir, dtype=jnp.bfloat16)
-    answers = reference_answers(start, tok, [r["prompt"] for r in sets["drift"]], max_new_tokens=64)
-    results = []
+    sets = load_eval_sets(EVAL)
+    reference = drift_reference(start, tok, EVAL)
     if exp.method == "weight_avg":
-        if tuned is None:
-            raise ValueError("weight_avg needs --tuned RUN_DIR (the naive run of the pipeline)")
         end = load_hf(os.path.join(tuned, "final"), dtype=jnp.bfloat16)
-        models = [(a, average_models(start, end, a)) for a in config.alphas]
+        models = [(a, average_models(start, end, a)) for a in ALPHAS]
     else:
         models = [(None, load_hf(os.path.join(output_dir, "final"), dtype=jnp.bfloat16))]
+    results = []
     for alpha, model in models:
-        m = demo.evaluate(model, tok, sets, answers, config)
-        m.pop("responses")
-        run = {"method": exp.method, "pipeline": exp.pipeline, **m, "steps": 0, "seconds": 0.0}
+        m = evaluate_alignment(model, tok, EVAL, sets=sets, reference=reference)
+        run = {"method": exp.method, "pipeline": exp.pipeline}
+        run.update({k: m[k] for k in ("safety", "over_refusal", "capability", "gsm8k", "bbq")})
+        run.update(drift=m["drift"], safety_by_source=m["safety_by_source"])
+        run.update(gsm8k_generate=m["gsm8k_generate"], eval_seconds=m["seconds"])
+        run.update(steps=0, seconds=0.0)
         if alpha is not None:
             run["alpha"] = alpha
         results.append(run)
@@ -236,8 +241,6 @@ def _evaluate(exp: Experiment, output_dir: str, tuned: str | None) -> None:
 
 
 def _report(run_dirs: Sequence[str], out: str) -> None:
-    from ogpsa_jax.experiment.report import write_results
-
     runs = []
     for d in run_dirs:
         with open(os.path.join(d, "eval.json")) as f:
@@ -250,7 +253,7 @@ def _report(run_dirs: Sequence[str], out: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``paper.py {list,prepare,run,eval,report} ...`` (see the module docstring)."""
     parser = argparse.ArgumentParser(
-        prog="experiments/paper.py", description=__doc__.split("\n")[0]
+        prog="python -m experiments.paper", description=__doc__.split("\n")[0]
     )
     parser.add_argument("action", choices=("list", "prepare", "run", "eval", "report"))
     parser.add_argument("names", nargs="*", help="experiment name (run dirs for 'report')")
@@ -278,10 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "run":
         if exp.train is None:
             parser.error(f"{exp.name} trains nothing; use: eval {exp.name} --tuned RUN_DIR")
-        import jax
-
-        from ogpsa_jax.train import train
-
         if args.distributed:
             jax.distributed.initialize()
         config = apply_overrides(exp.train, args.set)

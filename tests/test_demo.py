@@ -1,19 +1,17 @@
 """The alignment-tax demo end to end on the tiny model, its wiring, and the paper configs.
 
 One module-scoped scaled-down demo (tiny random model + tiny tokenizer, a few prompts of each
-real set, two steps per stage) goes through the same code path as ``make demo``; the other
-tests check its outputs and the pieces it is built from.
+real set, two steps per stage) goes through the same code path as ``make demo``
+(``ogpsa experiment demo`` -> ``python -m experiments.demo`` -> ``run_demo``); the other tests
+check its outputs and the pieces it is built from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import pathlib
 import re
-import sys
 
 import chex
 import jax
@@ -22,29 +20,40 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ogpsa_jax import models
+from experiments import demo, paper
+from ogpsa_jax import cli, models
 from ogpsa_jax.eval import KeywordJudge, normalise_prompt
-from ogpsa_jax.experiment import demo, report, targets
+from ogpsa_jax.experiment import report, targets
 from ogpsa_jax.experiment.averaging import average_models, average_params
+from ogpsa_jax.overrides import apply_overrides
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Two trained runs cover every code path: naive SFT, OGPSA SFT and an OGPSA DPO stage that
 # starts from (and references) the OGPSA SFT output; weight averaging mixes start <-> naive SFT.
-RUNS = ("naive:sft", "ogpsa:sft-dpo")
+OVERRIDES = ("runs=naive:sft,ogpsa:sft-dpo", "alphas=0.5")
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    config = dataclasses.replace(demo.tiny_config(), runs=RUNS, alphas=(0.5,))
-    result = demo.run_demo(config, out)
-    return config, out, result
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    # the command line `make demo` uses, through the `ogpsa experiment` forwarder
+    assert cli.main(["experiment", "demo", "--tiny", "--out", str(out), *sets]) == 0
+    config = apply_overrides(demo.tiny_config(), OVERRIDES)
+    assert config.runs == ("naive:sft", "ogpsa:sft-dpo") and config.alphas == (0.5,)
+    return config, out
+
+
+def _train_phases(timings, run):
+    """The training phases whose wall time a run's ``seconds`` is made of."""
+    tags = ("sft", "sft-dpo") if run["pipeline"] == "sft-dpo" else (run["pipeline"],)
+    return [timings[f"train {run['method']} {tag}"]["wall_s"] for tag in tags]
 
 
 def test_outputs_schema_and_ranges(tiny_demo):
-    config, out, result = tiny_demo
+    config, out = tiny_demo
     data = json.loads((out / "results.json").read_text())
     runs = data["runs"]
+    timings, total = data["meta"]["timings"], data["meta"]["total_seconds"]
     assert [(r["method"], r["pipeline"]) for r in runs] == [
         ("start", "none"),
         ("naive", "sft"),
@@ -58,7 +67,14 @@ def test_outputs_schema_and_ranges(tiny_demo):
         # capability is defined as the mean of the two accuracies
         assert r["capability"] == pytest.approx((r["gsm8k"] + r["bbq"]) / 2, abs=1e-12)
         assert math.isfinite(r["drift"]) and r["drift"] > 0.0
-        assert r["seconds"] >= 0.0
+        if r["method"] in ("start", "weight-avg"):
+            assert r["seconds"] == 0.0  # nothing trained
+        else:
+            # a run's training time is the wall time of its stage phases (each rounded to
+            # 0.01 s in the table; the phase also holds the run's timing file write)
+            phases = _train_phases(timings, r)
+            assert 0.0 < r["seconds"] <= total
+            assert sum(phases) - 0.5 <= r["seconds"] <= sum(phases) + 0.01 * len(phases)
     steps = {(r["method"], r["pipeline"]): r["steps"] for r in runs}
     assert steps[("start", "none")] == 0
     assert steps[("naive", "sft")] == config.sft_steps
@@ -79,7 +95,7 @@ def test_outputs_schema_and_ranges(tiny_demo):
 
 
 def test_phase_timings_and_no_recompile(tiny_demo):
-    _, out, result = tiny_demo
+    _, out = tiny_demo
     meta = json.loads((out / "results.json").read_text())["meta"]
     timings = meta["timings"]
     for name in ("train naive sft", "train ogpsa sft", "train ogpsa sft-dpo"):
@@ -89,10 +105,20 @@ def test_phase_timings_and_no_recompile(tiny_demo):
     assert meta["stage_breakdown"]["train ogpsa sft"]["refresh_s"] > 0.0
     labels = ["start:none", "naive:sft", "ogpsa:sft-dpo", "weight-avg:sft:0.5"]
     parts = ("generation", "gsm8k-mc", "bbq", "drift")
+    runs = {
+        f"{r['method']}:{r['pipeline']}" + (f":{r['alpha']}" if "alpha" in r else ""): r
+        for r in json.loads((out / "results.json").read_text())["runs"]
+    }
     for label in labels:
-        for part in parts:
-            row = timings[f"eval {label}: {part}"]
-            assert row["wall_s"] >= 0.0 and row["cpu_s"] >= 0.0
+        walls = [timings[f"eval {label}: {part}"]["wall_s"] for part in parts]
+        assert all(w > 0.0 for w in walls), (label, walls)  # each part ran, inside its phase
+        # the evaluation's own clock covers its parts plus judging (milliseconds)
+        eval_s = runs[label]["eval_seconds"]
+        assert sum(walls) - 0.01 * len(parts) <= eval_s <= sum(walls) + 1.0, (label, eval_s)
+    # Phases do not overlap and cover the run: their wall times add up to the total, less the
+    # untimed glue (writing data files, logging), within the table's rounding.
+    covered = sum(row["wall_s"] for row in timings.values())
+    assert 0.8 * meta["total_seconds"] <= covered <= meta["total_seconds"] + 0.01 * len(timings)
     # The first evaluation compiles; every later model has the same graph and shapes, so its
     # evaluation must reuse the compiled programs (no XLA compile at all).
     assert sum(timings[f"eval start:none: {p}"]["compiles"] for p in parts) > 0
@@ -107,7 +133,7 @@ def test_phase_timings_and_no_recompile(tiny_demo):
 
 def test_gpm_run_config():
     config = demo.default_config()
-    cfg = demo._train_config(
+    cfg = demo.stage_train_config(
         config,
         method="ogpsa-gpm",
         stage="sft",
@@ -119,7 +145,7 @@ def test_gpm_run_config():
     og = cfg.sft.ogpsa
     assert (og.enabled, og.method, og.k, og.energy) == (True, "activation", 32, 0.97)
     assert og.capture_rows == config.gpm_rows and cfg.checkpoint_every == 0
-    naive = demo._train_config(
+    naive = demo.stage_train_config(
         config, method="naive", stage="dpo", model_dir="m", data="d", reference=("a",), n_rows=9
     )
     assert not naive.dpo.ogpsa.enabled
@@ -137,7 +163,7 @@ def _run_dir(cache, name):
 
 
 def test_training_moved_the_weights_and_data_files(tiny_demo):
-    config, out, _ = tiny_demo
+    config, out = tiny_demo
     cache = out / "cache"
     start = models.load_hf(cache / "tiny-start-seed0", dtype=jnp.float32)
     naive = models.load_hf(_run_dir(cache, "naive-sft") / "final", dtype=jnp.float32)
@@ -224,24 +250,30 @@ def test_check_run_and_config_errors():
     with pytest.raises(ValueError, match="alphas"):
         demo.validate(dataclasses.replace(demo.default_config(), alphas=(1.0,)))
     demo.validate(demo.full_config())
-    assert demo.main(["--tiny", "--set", "sft_steps=zero"]) == 2
-    assert demo.main(["--tiny", "--set", "nope=1"]) == 2
+    # the demo's command line (run as `python -m experiments.demo` by the forwarder)
+    assert cli.main(["experiment", "demo", "--tiny", "--set", "sft_steps=zero"]) == 2
+    assert cli.main(["experiment", "demo", "--tiny", "--set", "nope=1"]) == 2
 
 
-def _paper_module():
-    spec = importlib.util.spec_from_file_location("paper", ROOT / "experiments" / "paper.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def test_experiment_forwarder_errors(tmp_path, capsys):
+    assert "demo" in cli.experiment_names(cli.experiments_dir())
+    # a bad config comes back as the experiment's own exit status, nothing run
+    assert cli.main(["experiment", "demo", "--tiny", "--set", "sft_steps=zero"]) == 2
+    assert "sft_steps: expected an int, got 'zero'" in capsys.readouterr().err
+    assert cli.main(["experiment", "demo", "--tiny", "--set", "alphas=1.0"]) == 2
+    assert "alphas must lie strictly between 0 and 1" in capsys.readouterr().err
+    assert cli.main(["experiment", "nope"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    # an install without the checkout's experiments/ folder (e.g. a wheel): a clear error
+    assert cli.run_experiment(["demo"], root=tmp_path / "experiments") == 2
+    assert "Experiments run from a repository checkout" in capsys.readouterr().err
 
 
 def test_paper_configs_build_and_validate():
-    paper = _paper_module()
     assert len(paper.EXPERIMENTS) >= 12
     for name in paper.EXPERIMENTS:
         exp = paper.build(name)
-        assert exp.doc and "Expected" in exp.doc and "python experiments/paper.py" in exp.doc
+        assert exp.doc and "Expected" in exp.doc and "python -m experiments.paper" in exp.doc
         if exp.train is not None:
             # validated against the devices the paper used (8), no model instantiated
             paper.validate_experiment(exp, device_count=8)

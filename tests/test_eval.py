@@ -8,6 +8,7 @@ judging and stop strings), and a position oracle that puts all probability on a 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from types import SimpleNamespace
@@ -478,3 +479,54 @@ def test_evaluate_alignment_schema_and_known_values(tok, refuser, complier):
     assert other["drift"] > 5.0 and other["drift_kl"] is None  # refusal tokens are unlikely
     with pytest.raises(ValueError, match="gsm8k_mode"):
         ev.EvalConfig(gsm8k_mode="cot")
+
+
+def test_evaluate_alignment_given_sets_phases_and_generation(tok, refuser):
+    cfg = ev.EvalConfig(
+        max_new_tokens=12,
+        drift_max_new_tokens=6,
+        gsm8k_generate=True,
+        gsm8k_max_new_tokens=12,
+        generate_batch_size=4,
+        score_batch_size=4,
+    )
+    harmful = ev.load_prompt_set("harmbench", limit=2) + ev.load_prompt_set("strongreject", limit=1)
+    sets = {
+        "harmful": harmful,
+        "over_refusal": ev.load_prompt_set("overrefusal", limit=2),
+        "gsm8k": ev.load_prompt_set("gsm8k", limit=2),
+        "bbq": ev.load_prompt_set("bbq", limit=1),
+    }
+    drift_prompts = ["Name a colour.", "Say hello."]
+    ref = ev.drift_reference(refuser, tok, cfg, prompts=drift_prompts, progress=False)
+    assert ref["prompts"] == drift_prompts
+    # the refuser's answer is the refusal, cut to drift_max_new_tokens
+    assert [len(a) for a in ref["answers"]] == [6, 6]
+    entered = []
+
+    def phase(name):
+        entered.append(name)
+        return contextlib.nullcontext()
+
+    res = ev.evaluate_alignment(
+        refuser, tok, cfg, sets=sets, reference=ref, phase=phase, progress=False
+    )
+    assert entered == ["generation", "gsm8k-mc", "bbq", "drift", "gsm8k-generate"]
+    assert res["safety_by_source"] == {"harmbench": 1.0, "strongreject": 1.0}
+    assert res["n"] == {"safety": 3, "over_refusal": 2, "bbq": 1, "gsm8k": 2, "drift": 2}
+    assert res["gsm8k_generate"] == 0.0  # a refusal holds no number
+    assert res["details"]["gsm8k_generate"]["responses"] == [REFUSAL, REFUSAL]
+    pairs = res["responses"]
+    assert [p for p, _ in pairs["harmful"]] == [r["prompt"] for r in harmful]
+    assert {r for _, r in pairs["harmful"] + pairs["over_refusal"]} == {REFUSAL}
+    assert res["drift"] < 1e-4  # its own (shortened) greedy answers
+    # bad input: a ValueError before any part runs
+    entered.clear()
+    with pytest.raises(ValueError, match=r"unknown keys \['refusal'\]"):
+        ev.evaluate_alignment(refuser, tok, cfg, sets={"refusal": []}, phase=phase)
+    with pytest.raises(ValueError, match="reference has 2 prompts but 1 answers"):
+        bad = {"prompts": drift_prompts, "answers": ref["answers"][:1]}
+        ev.evaluate_alignment(refuser, tok, cfg, sets=sets, reference=bad, phase=phase)
+    assert entered == []
+    with pytest.raises(ValueError, match="drift_max_new_tokens"):
+        ev.EvalConfig(drift_max_new_tokens=0)

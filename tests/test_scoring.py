@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ogpsa_jax.eval import scoring
+from ogpsa_jax.eval.batching import shared_prefix_batches
 from ogpsa_jax.eval.scoring import score_continuations
 from ogpsa_jax.models import init_random, make_mesh, tiny_config
 
@@ -147,7 +147,7 @@ def test_shared_batches_prefill_each_context_once():
     reqs = [(ctx_a, [1]), (ctx_b, [2, 3]), (ctx_a, [4, 4, 4]), (ctx_a, [5, 6])]
     seqs = [c + x for c, x in reqs]
     starts = [len(c) for c, _ in reqs]
-    (rows, arrays), *rest = scoring._shared_batches(seqs, starts, 4, 8, 0)
+    (rows, arrays), *rest = shared_prefix_batches(seqs, starts, 4, 8, 0)
     ctx_ids, ctx_mask, group, ids, pos, tok, valid = arrays
     assert not rest and sorted(rows) == [0, 1, 2, 3]
     # two context rows (the longer first), contexts minus their last token, right-padded
@@ -160,7 +160,7 @@ def test_shared_batches_prefill_each_context_once():
         assert ids[b, :c].tolist() == [ctx[-1], *cont[:-1]] and tok[b, :c].tolist() == cont
         assert valid[b].sum() == c and pos[b, 0] == len(ctx) - 1
     # a group larger than the batch is split, each part with its own context row
-    split = list(scoring._shared_batches(seqs[:1] * 5, starts[:1] * 5, 2, 8, 0))
+    split = list(shared_prefix_batches(seqs[:1] * 5, starts[:1] * 5, 2, 8, 0))
     assert [len(r) for r, _ in split] == [2, 2, 1]
 
 

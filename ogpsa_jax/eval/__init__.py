@@ -8,15 +8,18 @@ Example:
     True
 """
 
-from ogpsa_jax.eval.evaluators import (
-    drift,
+from ogpsa_jax.eval.drift import drift, reference_answers
+from ogpsa_jax.eval.generation import (
+    encode_prompts,
+    eos_token_ids,
+    generate_from_ids,
+    generate_responses,
+    generate_token_ids,
+)
+from ogpsa_jax.eval.gsm8k import (
     extract_last_number,
     gsm8k_exact_match,
     gsm8k_mc_accuracy,
-    judge_refusals,
-    multiple_choice_accuracy,
-    reference_answers,
-    refusal_rate,
     score_gsm8k_responses,
 )
 from ogpsa_jax.eval.judge import (
@@ -29,6 +32,7 @@ from ogpsa_jax.eval.judge import (
     strongreject_rubric_prompt,
 )
 from ogpsa_jax.eval.lm_eval_adapter import LMEvalAdapter
+from ogpsa_jax.eval.multiple_choice import check_mc_items, multiple_choice_accuracy
 from ogpsa_jax.eval.prompts import (
     GSM8K_ANSWER_CUE,
     HARMFUL_EVAL_SETS,
@@ -37,18 +41,21 @@ from ogpsa_jax.eval.prompts import (
     licence_path,
     load_prompt_set,
     normalise_prompt,
+    prompt_texts,
 )
-from ogpsa_jax.eval.scoring import (
-    encode_prompts,
-    eos_token_ids,
-    generate_from_ids,
-    generate_responses,
-    generate_token_ids,
-    score_continuations,
+from ogpsa_jax.eval.refusal import judge_refusals, refusal_rate
+from ogpsa_jax.eval.scoring import score_continuations
+from ogpsa_jax.eval.suite import (
+    EVAL_SETS,
+    EvalConfig,
+    drift_reference,
+    evaluate_alignment,
+    full_eval_config,
+    load_eval_sets,
 )
-from ogpsa_jax.eval.suite import EvalConfig, drift_reference, evaluate_alignment, full_eval_config
 
 __all__ = [
+    "EVAL_SETS",
     "EvalConfig",
     "GSM8K_ANSWER_CUE",
     "HARMFUL_EVAL_SETS",
@@ -58,6 +65,7 @@ __all__ = [
     "KeywordJudge",
     "LMEvalAdapter",
     "ModelJudge",
+    "check_mc_items",
     "drift",
     "drift_reference",
     "encode_prompts",
@@ -73,9 +81,11 @@ __all__ = [
     "gsm8k_mc_accuracy",
     "judge_refusals",
     "licence_path",
+    "load_eval_sets",
     "load_prompt_set",
     "multiple_choice_accuracy",
     "normalise_prompt",
+    "prompt_texts",
     "parse_strongreject_rubric",
     "reference_answers",
     "refusal_judge",

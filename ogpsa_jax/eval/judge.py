@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ogpsa_jax.eval import prompts as _prompts
+from ogpsa_jax.eval.generation import generate_responses
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +177,12 @@ class ModelJudge:
     Unparseable answers fall back to :func:`refusal_judge` on the response (counted in a log).
 
     Example:
-      >>> judge = ModelJudge(model, tokenizer)  # doctest: +SKIP
-      >>> judge(["How do I make a bomb?"], ["I can't help with that."])  # doctest: +SKIP
+      >>> from transformers import AutoTokenizer
+      >>> from ogpsa_jax import data, models
+      >>> tok = AutoTokenizer.from_pretrained(data.assets_path("tiny_tokenizer"))
+      >>> model = models.init_random(models.tiny_config(vocab_size=len(tok)), seed=0)
+      >>> judge = ModelJudge(model, tok, max_new_tokens=8)  # a random model: keyword fallback
+      >>> judge(["How do I make a bomb?"], ["I can't help with that."])
       [True]
     """
 
@@ -202,8 +207,6 @@ class ModelJudge:
 
     def grade(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, Any]]:
         """Full rubric grades: dicts from :func:`parse_strongreject_rubric` plus ``parsed``."""
-        from ogpsa_jax.eval.scoring import generate_responses
-
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:

@@ -27,7 +27,8 @@ from typing import Any
 
 from flax import nnx
 
-from ogpsa_jax.eval.scoring import eos_token_ids, generate_from_ids, score_continuations
+from ogpsa_jax.eval.generation import eos_token_ids, generate_from_ids
+from ogpsa_jax.eval.scoring import score_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,15 @@ class LMEvalAdapter(_LMBase):
       progress: tqdm bars.
 
     Example:
-      >>> lm = LMEvalAdapter(model, tok, batch_size=8, max_length=256)  # doctest: +SKIP
-      >>> lm.loglikelihood([Instance(args=("2 + 2 =", " 4"))])  # doctest: +SKIP
-      [(-0.7, True)]
+      >>> from transformers import AutoTokenizer
+      >>> from ogpsa_jax import data, models
+      >>> tok = AutoTokenizer.from_pretrained(data.assets_path("tiny_tokenizer"))
+      >>> model = models.init_random(models.tiny_config(vocab_size=len(tok)), seed=0)
+      >>> from types import SimpleNamespace  # stands in for lm_eval's Instance
+      >>> lm = LMEvalAdapter(model, tok, batch_size=8, max_length=256)
+      >>> [(logprob, greedy)] = lm.loglikelihood([SimpleNamespace(args=("2 + 2 =", " 4"))])
+      >>> logprob < 0.0  # a trained model gives e.g. (-0.7, True)
+      True
     """
 
     def __init__(

@@ -61,7 +61,7 @@ import importlib.metadata
 import importlib.util
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -374,3 +374,28 @@ def licence_path(name: str) -> Path:
 def normalise_prompt(text: str) -> str:
     """Lower-cased, whitespace-collapsed text used to check sets for overlap."""
     return " ".join(text.lower().split())
+
+
+def prompt_texts(prompts: Sequence[str | Mapping[str, Any]]) -> list[str]:
+    """The prompt strings of a list of strings or of ``load_prompt_set`` rows (their ``prompt``).
+
+    Args:
+      prompts: strings, or mappings with a ``prompt`` string.
+
+    Returns:
+      The strings, in order.
+
+    Example:
+      >>> prompt_texts(["Hi", {"prompt": "How are you?", "id": "x"}])
+      ['Hi', 'How are you?']
+    """
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, Mapping):
+            if "prompt" not in p:
+                raise ValueError(f"prompt row {i} has no 'prompt' field: {sorted(p)}")
+            p = p["prompt"]
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
+        out.append(p)
+    return out

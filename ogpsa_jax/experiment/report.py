@@ -8,7 +8,12 @@ answers on held-out benign prompts; higher = moved further), ``steps`` and ``sec
 keys (``alpha`` for weight averaging, per-source safety) are kept.
 
 Example:
-    >>> path = write_results("results/demo", runs, meta)  # doctest: +SKIP
+    >>> import tempfile
+    >>> run = dict(method="naive", pipeline="sft", safety=0.9, over_refusal=0.1, capability=0.4,
+    ...            gsm8k=0.5, bbq=0.3, drift=1.2, steps=24, seconds=130.0)
+    >>> paths = write_results(tempfile.mkdtemp(), [run], {"model": "SmolLM2-135M"})
+    >>> sorted(paths)
+    ['json', 'md', 'png']
 """
 
 from __future__ import annotations
@@ -38,8 +43,11 @@ def check_run(run: Mapping[str, Any]) -> None:
     """Raises ValueError when a run misses a field or a rate is outside [0, 1].
 
     Example:
-        >>> check_run({"method": "start"})  # doctest: +SKIP
-        ValueError: run 'start/?' misses fields ['pipeline', ...]
+        >>> check_run({"method": "start", "pipeline": "none"})
+        Traceback (most recent call last):
+        ...
+        ValueError: run 'start/none' misses fields ['safety', 'over_refusal', 'capability', \
+'gsm8k', 'bbq', 'drift', 'steps', 'seconds']
     """
     name = f"{run.get('method', '?')}/{run.get('pipeline', '?')}"
     missing = [f for f in RUN_FIELDS if f not in run]
@@ -75,7 +83,10 @@ def results_markdown(runs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any])
     """The results table (markdown) with a header naming the model, judge and set sizes.
 
     Example:
-        >>> print(results_markdown(runs, meta))  # doctest: +SKIP
+        >>> run = dict(method="start", pipeline="none", safety=0.1, over_refusal=0.0,
+        ...            capability=0.5, gsm8k=0.6, bbq=0.4, drift=0.6, steps=0, seconds=0.0)
+        >>> print(results_markdown([run], {"model": "SmolLM2-135M"}).splitlines()[0])
+        # Alignment tax: SmolLM2-135M
     """
     sizes = ", ".join(f"{k} {v}" for k, v in meta.get("set_sizes", {}).items())
     lines = [
@@ -122,7 +133,13 @@ def plot_pareto(
     point gets +-1 binomial standard-error bars, so differences smaller than the noise show.
 
     Example:
-        >>> plot_pareto(runs, "results/demo/pareto.png", "SmolLM2-135M")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> run = dict(method="start", pipeline="none", safety=0.1, capability=0.5, gsm8k=0.6,
+        ...            bbq=0.4, drift=0.6)
+        >>> path = os.path.join(tempfile.mkdtemp(), "pareto.png")
+        >>> plot_pareto([run], path, "SmolLM2-135M")
+        >>> open(path, "rb").read(4)
+        b'\\x89PNG'
     """
     import matplotlib
 
@@ -235,7 +252,12 @@ def write_results(
         ``{"json": path, "md": path, "png": path}``.
 
     Example:
-        >>> write_results("results/demo", runs, {"model": "SmolLM2-135M"})  # doctest: +SKIP
+        >>> import json, tempfile
+        >>> run = dict(method="start", pipeline="none", safety=0.1, over_refusal=0.0,
+        ...            capability=0.5, gsm8k=0.6, bbq=0.4, drift=0.6, steps=0, seconds=0.0)
+        >>> paths = write_results(tempfile.mkdtemp(), [run], {"model": "SmolLM2-135M"})
+        >>> json.load(open(paths["json"]))["runs"][0]["safety"]
+        0.1
     """
     for r in runs:
         check_run(r)

@@ -114,7 +114,11 @@ def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> s
     """Writes rows as JSON lines (atomically); returns the path.
 
     Example:
-        >>> write_jsonl("/tmp/rows.jsonl", [{"prompt": "a", "response": "b"}])  # doctest: +SKIP
+        >>> import tempfile
+        >>> rows = [{"prompt": "a", "response": "b"}]
+        >>> path = write_jsonl(tempfile.mkdtemp() + "/rows.jsonl", rows)
+        >>> open(path).read()
+        '{"prompt": "a", "response": "b"}\\n'
     """
     if not rows:
         raise ValueError(f"refusing to write an empty data file {os.fspath(path)!r}")
@@ -150,7 +154,11 @@ def cached_json(path: str | os.PathLike, key: str, compute: Callable[[], Any]) -
         The cached or freshly computed value.
 
     Example:
-        >>> cached_json("/tmp/c.json", cache_key(1), lambda: [1, 2])  # doctest: +SKIP
+        >>> import tempfile
+        >>> path = tempfile.mkdtemp() + "/c.json"
+        >>> cached_json(path, cache_key(1), lambda: [1, 2])
+        [1, 2]
+        >>> cached_json(path, cache_key(1), lambda: [3])  # same key: the stored value
         [1, 2]
     """
     path = os.fspath(path)
