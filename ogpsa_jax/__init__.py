@@ -42,8 +42,10 @@ from ogpsa_jax.models import (
     generate,
     init_random,
     load_hf,
+    load_peft,
     merge_lora,
     save_hf,
+    save_peft,
     sequence_logprobs,
 )
 from ogpsa_jax.models.capture import CapturedInputs, capture_inputs
@@ -87,6 +89,7 @@ __all__ = [
     "get_basis",
     "init_random",
     "load_hf",
+    "load_peft",
     "load_preferences",
     "load_prompt_set",
     "load_sft",
@@ -106,6 +109,7 @@ __all__ = [
     "render_chat",
     "residual_max",
     "save_hf",
+    "save_peft",
     "sequence_logprobs",
     "set_basis",
 ]
