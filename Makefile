@@ -45,12 +45,13 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Reference env for tools/make_hf_fixtures.py and benchmarks/model_throughput.py (torch side).
+# Reference env for tools/make_hf_fixtures.py, tools/make_peft_fixtures.py and
+# benchmarks/model_throughput.py (torch side). Re-run when this Makefile changes its pins.
 fixtures-env: $(VENV311)/.installed
 
-$(VENV311)/.installed:
+$(VENV311)/.installed: Makefile
 	test -x $(VENV311)/bin/python || /root/.pyenv/versions/3.11.7/bin/python -m venv $(VENV311)
-	$(VENV311)/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy
+	$(VENV311)/bin/pip install -q torch==2.13.0 transformers==5.24.0 safetensors numpy peft==0.21.2
 	touch $@
 
 # Train-step benchmark (issue 8): OGPSA vs plain steps, refresh, memory, TRL and hook peers.

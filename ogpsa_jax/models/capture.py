@@ -12,6 +12,8 @@ it (``y = x @ W``):
 | gate_proj, up_proj | RMSNorm(h) before the MLP | (L, R, hidden_size) |
 | down_proj | silu(gate) * up | (L, R, intermediate_size) |
 | lm_head (untied only) | final RMSNorm(h) | (R, hidden_size) |
+| LoRA A of `<w>` (`<w>_lora/a`) | the input of `<w>` (the same array) | as `<w>`'s |
+| LoRA B of `<w>` (`<w>_lora/b`) | not captured (``x @ A``): None | |
 
 The rows are R token positions of the batch, sampled inside the scan (so a layer never keeps
 more than R rows): with ``rows=None`` all B * T positions, padding rows zeroed; with ``rows=R``
@@ -40,6 +42,7 @@ from jax.sharding import AxisType
 from ogpsa_jax.models.config import DecoderConfig
 from ogpsa_jax.models.decoder import layer_param_shapes
 from ogpsa_jax.models.functional import head_logits, hidden_states_with_taps
+from ogpsa_jax.models.lora import LoRAWeights
 
 _F32 = jnp.float32
 # Stacked layer weight -> the block tap (`ogpsa_jax.models.layers.BLOCK_TAPS`) holding its input.
@@ -61,6 +64,8 @@ class CapturedInputs(NamedTuple):
         inputs: dict with the structure of `Decoder.params()`: ``layers/<w>`` for the seven
             projections -> float32 (num_layers, R, d_in); ``lm_head`` (untied) -> (R, D);
             ``None`` for embed_tokens, norms and biases. q/k/v (and gate/up) share one array.
+            A LoRA adapter ``layers/<w>_lora`` gets a `LoRAWeights` whose ``a`` is ``<w>``'s
+            input array and whose ``b`` is None.
         row_valid: bool (R,): True where the row is a real token (False: zeroed padding).
         logits: float32 [B, T, V] of the same forward when ``with_logits``, else None.
     """
@@ -188,9 +193,13 @@ def capture_inputs(
         names |= {"logits"} if with_logits else set()
         run = jax.sharding.auto_axes(run, out_sharding={k: jax.P() for k in names})
     out = run(params, input_ids, attention_mask, idx_R, valid_R)
-    layers = {
+    layers: dict[str, Any] = {
         name: (out[SITES[name]] if name in SITES else None) for name in layer_param_shapes(config)
     }
+    for name, adapter in params["layers"].items():  # a LoRA adapter's A sees the same rows
+        if isinstance(adapter, LoRAWeights):
+            base = name.removesuffix("_lora")
+            layers[name] = LoRAWeights(a=out[SITES[base]], b=None, scaling=adapter.scaling)
     inputs: dict[str, Any] = {"embed_tokens": None, "layers": layers, "final_norm": None}
     if not config.tie_word_embeddings:
         inputs["lm_head"] = out["head_in"]

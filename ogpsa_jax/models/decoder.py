@@ -4,7 +4,8 @@ Layout (L = layers, D = hidden, Q = heads * head_dim, K = kv_heads * head_dim, F
 `embed_tokens` (V, D); `layers.{attn_norm (L, D), q_proj (L, D, Q), k_proj (L, D, K),
 v_proj (L, D, K), [q_bias (L, Q), k_bias (L, K), v_bias (L, K)], o_proj (L, Q, D),
 mlp_norm (L, D), gate_proj (L, D, F), up_proj (L, D, F), down_proj (L, F, D)}`;
-`final_norm` (D,); `lm_head` (D, V) unless embeddings are tied.
+`final_norm` (D,); `lm_head` (D, V) unless embeddings are tied. LoRA adapters, when added
+(`ogpsa_jax.models.lora`), sit beside their projection as `layers.<w>_lora`.
 
 The module holds the parameters; its call runs `ogpsa_jax.models.functional.forward` on the
 plain parameter dict (`Decoder.params()`), where the other entry points (hidden states, KV-cache
@@ -13,7 +14,7 @@ prefill and decoding, activation taps) live too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,9 @@ from flax import nnx
 from ogpsa_jax.models.config import DecoderConfig
 from ogpsa_jax.models.functional import forward
 from ogpsa_jax.models.sharding import param_shardings, with_auto_axes
+
+if TYPE_CHECKING:
+    from ogpsa_jax.models.lora import LoRAConfig
 
 # Mesh axes per parameter dimension (the stacked layer axis is never sharded).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -140,6 +144,7 @@ class Decoder(nnx.Module):
     ):
         self.config = config
         self.dtype = dtype
+        self.lora: LoRAConfig | None = None  # set by `ogpsa_jax.models.lora.add_lora`
         self.scan_unroll = check_scan_unroll(scan_unroll)
         self.attention_chunk = check_attention_chunk(attention_chunk)
         mesh = _ambient_mesh()
@@ -157,8 +162,14 @@ class Decoder(nnx.Module):
 
     def params(self) -> dict[str, Any]:
         """The parameters as a plain dict of arrays (`layers` is a dict of stacked arrays): the
-        input of every entry point in `ogpsa_jax.models.functional`."""
-        layers = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
+        input of every entry point in `ogpsa_jax.models.functional`. A LoRA adapter on
+        projection `<w>` is `layers["<w>_lora"]`, a `ogpsa_jax.models.lora.LoRAWeights`."""
+        layers = {}
+        for name in layer_param_shapes(self.config):
+            layers[name] = getattr(self.layers, name)[...]
+            adapter = getattr(self.layers, f"{name}_lora", None)
+            if adapter is not None:
+                layers[f"{name}_lora"] = adapter.weights()
         out = {
             "embed_tokens": self.embed_tokens[...],
             "layers": layers,

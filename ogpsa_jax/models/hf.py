@@ -28,7 +28,7 @@ from ogpsa_jax.models.sharding import param_shardings
 log = logging.getLogger(__name__)
 
 # our stacked layer name -> (HF per-layer module path, is a Linear weight stored (out, in))
-_LAYER_NAMES: dict[str, tuple[str, bool]] = {
+HF_LAYER_NAMES: dict[str, tuple[str, bool]] = {
     "attn_norm": ("input_layernorm.weight", False),
     "q_proj": ("self_attn.q_proj.weight", True),
     "k_proj": ("self_attn.k_proj.weight", True),
@@ -50,7 +50,7 @@ def hf_tensor_names(config: DecoderConfig) -> list[str]:
     """The HF tensor names a checkpoint of this config holds (in our save order)."""
     names = ["model.embed_tokens.weight"]
     for i in range(config.num_layers):
-        names += [f"model.layers.{i}.{_LAYER_NAMES[k][0]}" for k in layer_param_shapes(config)]
+        names += [f"model.layers.{i}.{HF_LAYER_NAMES[k][0]}" for k in layer_param_shapes(config)]
     names.append("model.norm.weight")
     if not config.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -143,7 +143,7 @@ def load_hf(
                 return get("model.norm.weight")
             if key == "lm_head":
                 return get("lm_head.weight").T
-            name, transpose = _LAYER_NAMES[key.removeprefix("layers/")]
+            name, transpose = HF_LAYER_NAMES[key.removeprefix("layers/")]
             per_layer = [get(f"model.layers.{i}.{name}") for i in range(config.num_layers)]
             return np.stack([t.T if transpose else t for t in per_layer])
 
@@ -182,6 +182,9 @@ def save_hf(
     Returns:
         The folder path.
 
+    Raises:
+        ValueError: the model has LoRA adapters (merge them first), or a bad `dtype`.
+
     Example:
         >>> import tempfile
         >>> from ogpsa_jax.models import init_random, tiny_config
@@ -192,6 +195,11 @@ def save_hf(
         >>> all(jax.tree.leaves(same))
         True
     """
+    if getattr(model, "lora", None) is not None:
+        raise ValueError(
+            "the model has LoRA adapters: save_hf(merge_lora(model), ...) writes the merged "
+            "model, save_peft(model, ...) the adapters alone"
+        )
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     config: DecoderConfig = model.config
@@ -211,9 +219,9 @@ def save_hf(
         if name == "lm_head.weight":
             return host(params["lm_head"]).T.copy()
         i, rest = name.removeprefix("model.layers.").split(".", 1)
-        key = next(k for k, (n, _) in _LAYER_NAMES.items() if n == rest)
+        key = next(k for k, (n, _) in HF_LAYER_NAMES.items() if n == rest)
         arr = host(layers[key][int(i)])
-        return arr.T.copy() if _LAYER_NAMES[key][1] else arr
+        return arr.T.copy() if HF_LAYER_NAMES[key][1] else arr
 
     # plan the shards from the shapes, then write one shard at a time
     abstract = jax.eval_shape(lambda: params)
@@ -223,7 +231,7 @@ def save_hf(
     }
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = abstract["lm_head"].shape[::-1]
-    for key, (n, transpose) in _LAYER_NAMES.items():
+    for key, (n, transpose) in HF_LAYER_NAMES.items():
         if key in layers:
             shape = abstract["layers"][key].shape[1:]
             for i in range(config.num_layers):

@@ -15,13 +15,16 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ogpsa_jax.models.config import DecoderConfig
+
+if TYPE_CHECKING:
+    from ogpsa_jax.models.lora import LoRAWeights
 
 NEG_INF = -1e30  # finite mask value: fully padded rows give a uniform softmax, never NaN
 # The block's intermediates returned with ``capture=True``: the [N, d_in] inputs of its linear
@@ -95,14 +98,26 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, dtype: Any) -> jax.Array:
     return x32.astype(dtype) * w.astype(dtype)
 
 
-def linear(x_NxI: jax.Array, w_IxO: jax.Array, dtype: Any) -> jax.Array:
-    """``x @ w`` in `dtype` with float32 accumulation.
+def linear(
+    x_NxI: jax.Array, w_IxO: jax.Array, dtype: Any, lora: LoRAWeights | None = None
+) -> jax.Array:
+    """``x @ w`` in `dtype` with float32 accumulation, plus a LoRA adapter's update if given.
+
+    With `lora` (A [I, r], B [r, O]) the float32 result gains ``scaling * (x @ A) @ B`` (``x @ A``
+    rounded to `dtype`) before the cast; without it the program is the plain matmul.
 
     Example:
         >>> linear(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.float32).shape
         (2, 4)
     """
-    return jnp.dot(x_NxI, w_IxO.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    y_NxO = jnp.dot(x_NxI, w_IxO.astype(dtype), preferred_element_type=jnp.float32)
+    if lora is not None:
+        t_NxR = jnp.dot(x_NxI, lora.a.astype(dtype), preferred_element_type=jnp.float32)
+        t_NxR = t_NxR.astype(dtype)
+        y_NxO = y_NxO + lora.scaling * jnp.dot(
+            t_NxR, lora.b.astype(dtype), preferred_element_type=jnp.float32
+        )
+    return y_NxO.astype(dtype)
 
 
 def attend(
@@ -163,7 +178,7 @@ def block(
 
     Args:
         p: this layer's parameters (`ogpsa_jax.models.decoder.layer_param_shapes` names,
-            without the layer axis).
+            without the layer axis; `<w>_lora` adds a LoRA adapter to projection `<w>`).
         h_BxLxD: the residual stream.
         rope_BxLxE: the (cos, sin) tables of `rope_tables` for the L new tokens.
         mask_BxLxT: True where a query may attend a key slot.
@@ -198,7 +213,7 @@ def block(
     cos_BxLxE, sin_BxLxE = rope_BxLxE
     taps: dict[str, jax.Array] = {}
     x_NxD = rms_norm(h_BxLxD, p["attn_norm"], config.rms_norm_eps, dtype).reshape(b * n, d)
-    q, k, v = (linear(x_NxD, p[f"{s}_proj"], dtype) for s in "qkv")
+    q, k, v = (linear(x_NxD, p[f"{s}_proj"], dtype, p.get(f"{s}_proj_lora")) for s in "qkv")
     if config.attention_bias:
         q, k, v = (t + p[f"{s}_bias"].astype(dtype) for t, s in zip((q, k, v), "qkv", strict=True))
     q_BxHxLxE = rope(q.reshape(b, n, hq, e).transpose(0, 2, 1, 3), cos_BxLxE, sin_BxLxE)
@@ -229,11 +244,12 @@ def block(
     else:
         o_BxKxGxLxE = attend(q_BxKxGxLxE, k_BxKxTxE, v_BxKxTxE, mask_BxLxT, dtype)
     o_NxQ = o_BxKxGxLxE.reshape(b, hq, n, e).transpose(0, 2, 1, 3).reshape(b * n, hq * e)
-    h_BxLxD = h_BxLxD + linear(o_NxQ, p["o_proj"], dtype).reshape(b, n, d)
+    h_BxLxD = h_BxLxD + linear(o_NxQ, p["o_proj"], dtype, p.get("o_proj_lora")).reshape(b, n, d)
     m_NxD = rms_norm(h_BxLxD, p["mlp_norm"], config.rms_norm_eps, dtype).reshape(b * n, d)
-    gate, up = linear(m_NxD, p["gate_proj"], dtype), linear(m_NxD, p["up_proj"], dtype)
+    gate = linear(m_NxD, p["gate_proj"], dtype, p.get("gate_proj_lora"))
+    up = linear(m_NxD, p["up_proj"], dtype, p.get("up_proj_lora"))
     act_NxF = jax.nn.silu(gate) * up
-    mlp_NxD = linear(act_NxF, p["down_proj"], dtype)
+    mlp_NxD = linear(act_NxF, p["down_proj"], dtype, p.get("down_proj_lora"))
     if capture:
         taps = dict(attn_in=x_NxD, o_in=o_NxQ, mlp_in=m_NxD, down_in=act_NxF)
     return h_BxLxD + mlp_NxD.reshape(b, n, d), cache, taps

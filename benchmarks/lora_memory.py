@@ -1,0 +1,98 @@
+"""Memory: LoRA adapters vs full fine-tuning, for SmolLM2-135M and Qwen2.5-7B, without allocating.
+
+Question: how many bytes do the trainable parameters and their AdamW state take with LoRA
+(rank 16 on all seven projections: q, k, v, o, gate, up, down) against full fine-tuning?
+Everything is abstract (`nnx.eval_shape` of the decoder with adapters, `jax.eval_shape` of
+`optax.adamw(...).init` on the trainable state), so the 7B model is never materialised.
+Parameters are float32 (the library's default `param_dtype`); the frozen base weights stay in
+memory with LoRA but get no gradients and no optimizer state (the last column adds them up:
+full = weights + gradients + AdamW; LoRA = base and adapter weights + adapter gradients and
+AdamW; activations not counted).
+
+Command::
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/lora_memory.py [--rank 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from ogpsa_jax.models import (  # noqa: E402
+    Decoder,
+    LoRAConfig,
+    LoRAParam,
+    add_lora,
+    qwen2_5_7b_config,
+    smollm2_135m_config,
+)
+from ogpsa_jax.models.lora import TARGETS  # noqa: E402
+
+MODELS = {"SmolLM2-135M": smollm2_135m_config, "Qwen2.5-7B": qwen2_5_7b_config}
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def measure(name: str, rank: int) -> dict[str, float]:
+    """Abstract bytes of one model: parameters, adapters, and AdamW states of each."""
+    config = MODELS[name]()
+    lora = LoRAConfig(rank=rank, alpha=2 * rank, targets=tuple(TARGETS))
+    model = nnx.eval_shape(lambda: add_lora(Decoder(config, rngs=nnx.Rngs(0)), lora))
+    full = nnx.state(model, nnx.Param, ...)[0]  # base weights and adapters
+    base = nnx.split(model, LoRAParam, nnx.Param, ...)[2]
+    adapters = nnx.state(model, LoRAParam)
+    adamw = optax.adamw(1e-4)
+    return {
+        "base_params": sum(x.size for x in jax.tree.leaves(base)),
+        "lora_params": sum(x.size for x in jax.tree.leaves(adapters)),
+        "full_param_bytes": _bytes(base),
+        "full_adamw_bytes": _bytes(jax.eval_shape(adamw.init, base)),
+        "lora_param_bytes": _bytes(adapters),
+        "lora_adamw_bytes": _bytes(jax.eval_shape(adamw.init, adapters)),
+        "with_adapters_param_bytes": _bytes(full),
+    }
+
+
+def main() -> None:
+    """Prints the table (and writes it as JSON with --json)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    gib, mib = 1024**3, 1024**2
+    rows = {name: measure(name, args.rank) for name in MODELS}
+    print(f"LoRA r={args.rank} on q, k, v, o, gate, up, down; float32 parameters; AdamW (mu, nu)")
+    print(
+        "| model | trainable params, full / LoRA | trainable bytes, full / LoRA "
+        "| AdamW state, full / LoRA | AdamW ratio | weights + grads + AdamW, full / LoRA |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        full_total = 2 * r["full_param_bytes"] + r["full_adamw_bytes"]
+        lora_total = r["with_adapters_param_bytes"] + r["lora_param_bytes"] + r["lora_adamw_bytes"]
+        r["full_total_bytes"], r["lora_total_bytes"] = full_total, lora_total
+        print(
+            f"| {name} | {r['base_params'] / 1e6:,.1f}M / {r['lora_params'] / 1e6:,.2f}M "
+            f"| {r['full_param_bytes'] / gib:.2f} GiB / {r['lora_param_bytes'] / mib:.1f} MiB "
+            f"| {r['full_adamw_bytes'] / gib:.2f} GiB / {r['lora_adamw_bytes'] / mib:.1f} MiB "
+            f"| {r['full_adamw_bytes'] / r['lora_adamw_bytes']:.0f}x "
+            f"| {full_total / gib:.2f} / {lora_total / gib:.2f} GiB |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rank": args.rank, "models": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
