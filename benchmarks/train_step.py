@@ -72,14 +72,8 @@ sys.path.insert(0, ROOT)
 
 from ogpsa_jax import capability_basis, set_basis  # noqa: E402
 from ogpsa_jax.models import DecoderConfig, init_random, smollm2_135m_config, tiny_config  # noqa: E402
-from ogpsa_jax.train.config import OGPSAConfig, StageConfig  # noqa: E402
-from ogpsa_jax.train.step import (  # noqa: E402
-    dpo_micro_loss,
-    make_optimizer,
-    make_ref_grad_fn,
-    make_train_step,
-    sft_micro_loss,
-)
+from ogpsa_jax.train import OGPSAConfig, StageConfig, make_optimizer, make_train_step  # noqa: E402
+from ogpsa_jax.train.step import dpo_micro_loss, make_ref_grad_fn, sft_micro_loss  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train_step")
 
@@ -220,26 +214,25 @@ class StepBench:
     ):
         self.kind = kind
         stage0 = stage_config(kind, 0, shape=shape)
-        _, rest_tx = make_optimizer(stage0, total_steps=1000)
+        rest_tx = make_optimizer(stage0, total_steps=1000).rest  # clip + AdamW
         micro = sft_micro_loss(apply_fn) if kind == "sft" else dpo_micro_loss(apply_fn, stage0)
         self.params = params
         self.rest_state = jax.jit(rest_tx.init)(params)
-        self.steps, self.proj_states = {}, {}
+        self.steps, self.proj_states, self.optimizers = {}, {}, {}
         for name, k in variants.items():
-            proj_tx, _ = make_optimizer(stage_config(kind, k), total_steps=1000)
-            state = proj_tx.init(params)
+            # Same clip + AdamW as stage0; the projection (None with OGPSA off) per variant.
+            opt = make_optimizer(stage_config(kind, k), total_steps=1000)
+            state = None if opt.projection is None else opt.projection.init(params)
             if k > 0:
                 state = set_basis(state, bases[k])
-            self.proj_states[name] = state
-            self.steps[name] = jax.jit(
-                make_train_step(micro, proj_tx, rest_tx), donate_argnums=(0, 1)
-            )
-        self.zero = jnp.zeros((), jnp.float32)
+            self.optimizers[name], self.proj_states[name] = opt, state
+            self.steps[name] = jax.jit(make_train_step(micro, opt), donate_argnums=(0, 1))
         self.cache: dict[tuple, Any] = {}
         self.compile_s: dict[str, float] = {}
 
     def _args(self, name: str, batch: dict) -> tuple:
-        return (self.params, (self.proj_states[name], self.rest_state), batch, self.zero, None)
+        opt_state = self.optimizers[name].join(self.proj_states[name], self.rest_state)
+        return (self.params, opt_state, batch, None)
 
     def compiled(self, name: str, batch: dict) -> Any:
         """The AOT-compiled step for this variant and batch shape (compiled once, reused)."""
@@ -253,7 +246,7 @@ class StepBench:
     def run(self, name: str, batch: dict) -> dict:
         step = self.compiled(name, batch)
         self.params, opt, metrics = step(*self._args(name, batch))
-        self.proj_states[name], self.rest_state = opt
+        self.proj_states[name], self.rest_state = self.optimizers[name].split(opt)
         return jax.block_until_ready(metrics)
 
 
@@ -380,7 +373,7 @@ def bench_steps(name: str, params: Any, apply_fn: Any, cfg: DecoderConfig, args)
         proj_t = out["sft"]["projection_alone_s"] if kind == "dpo" else {}
         g = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), bench.params)
         for k in ks if kind == "sft" else ():
-            proj_tx, _ = make_optimizer(stage_config(kind, k), total_steps=1000)
+            proj_tx = make_optimizer(stage_config(kind, k), total_steps=1000).projection
             fn = jax.jit(lambda g, s, tx=proj_tx: tx.update(g, s)[0])
             state = bench.proj_states[f"k{k}"]
             jax.block_until_ready(fn(g, state))
@@ -465,13 +458,13 @@ def bench_refresh(name: str, params: Any, apply_fn: Any, cfg: DecoderConfig) -> 
 def bench_memory(params: Any) -> dict:
     """Item 3: bytes of basis, params and whole optimiser state (abstract shapes only)."""
     out: dict[str, Any] = {"params_bytes": tree_bytes(params)}
-    _, rest_tx = make_optimizer(stage_config("sft", 0), total_steps=1000)
+    rest_tx = make_optimizer(stage_config("sft", 0), total_steps=1000).rest
     adam = tree_bytes(jax.eval_shape(rest_tx.init, params))
     out["adamw_state_bytes"] = adam
     rows = {}
     for mask in ("all", "no_embed"):
         for k in KS:
-            proj_tx, _ = make_optimizer(stage_config("sft", k, mask=mask), total_steps=1000)
+            proj_tx = make_optimizer(stage_config("sft", k, mask=mask), total_steps=1000).projection
             basis = tree_bytes(jax.eval_shape(proj_tx.init, params))
             rows[f"{mask}_k{k}"] = {
                 "basis_bytes": basis,

@@ -5,7 +5,7 @@ Qwen2.5-7B-Instruct and Llama-3.1-8B-Instruct with SFT, DPO and SFT->DPO on PKU-
 naively and with OGPSA (two mean reference gradients for SFT, UltraFeedback + HaluEval; one for
 DPO, UltraFeedback; Gram-Schmidt; refresh every 30 / 5 steps; lr 1e-6 cosine; bf16). Every
 experiment here is one (model, pipeline, method) cell of that grid, built on the library presets
-``qwen2_5_7b_paper`` / ``llama3_1_8b_paper`` (``ogpsa_jax.train.config``), plus our SVD basis
+``qwen2_5_7b_paper`` / ``llama3_1_8b_paper`` (``ogpsa_jax.train.presets``), plus our SVD basis
 and two baselines: general-data mixing ("replay": the safety data mixed 1:1 with the reference
 general data) and weight averaging with the starting model (evaluations only, of the naive
 run).

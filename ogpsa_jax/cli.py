@@ -10,7 +10,8 @@ the output folder is untouched); 3 stopped on non-finite values; 75 (`EXIT_PREEM
 checkpointed after SIGTERM -- run the same command again to resume.
 
 Example:
-    >>> main(["train", "sft", "--preset", "tiny", "--output-dir", "/tmp/r", "--max-steps", "3"])
+    >>> main(["train", "sft", "--preset", "tiny", "--output-dir", "runs/r", "--max-steps", "3"])
+    ... # doctest: +SKIP
     0
 """
 
@@ -32,7 +33,8 @@ EXIT_NONFINITE = 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ogpsa_jax.train.config import PRESETS
+    # function-local: the training package imports jax (seconds); an experiment needs none of it
+    from ogpsa_jax.train import PRESETS
 
     parser = argparse.ArgumentParser(prog="ogpsa", description="OGPSA safety post-training in JAX")
     sub = parser.add_subparsers(dest="group", required=True)
@@ -143,10 +145,11 @@ def _multi_process_env() -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # function-local: jax and the training package take seconds to import
     import jax
 
-    from ogpsa_jax.train.config import apply_overrides, preset, stages_of
-    from ogpsa_jax.train.loop import EXIT_PREEMPTED, NonFiniteError, train
+    from ogpsa_jax.train import EXIT_PREEMPTED, NonFiniteError, apply_overrides, preset, train
+    from ogpsa_jax.train.schema import stages_of
 
     if args.distributed or _multi_process_env():
         jax.distributed.initialize()

@@ -11,11 +11,14 @@ with the same command line:
 4. SIGKILL a random 0-30 ms into computing step 7 or 8.
 5. The same command once more: it finishes.
 
-The kills come from the `OGPSA_FAULT_DRILL` hook (a timer thread in the training process, armed
-when the phase begins); the random choices are seeded by ``OGPSA_DRILL_SEED`` (default: fresh,
-printed in every failure message). The result must equal an uninterrupted run of the same
-command bitwise: final weights, the last checkpoint (params and optimizer state, basis
-included) and metrics.jsonl (every step once, in order; timing fields excepted).
+The kills come from the fault drill of `ogpsa_jax.testing`: the faulted runs are started as
+``python -m ogpsa_jax.testing --fault-drill PHASE@STEP+SECONDS train sft ...``, which installs
+the hook (a timer thread in the training process, armed when the phase begins) and runs the
+``ogpsa`` command line; the others as ``python -m ogpsa_jax.cli train sft ...``. The random
+choices are seeded by ``OGPSA_DRILL_SEED`` (default: fresh, printed in every failure message).
+The result must equal an uninterrupted run of the same command bitwise: final weights, the last
+checkpoint (params and optimizer state, basis included) and metrics.jsonl (every step once, in
+order; timing fields excepted).
 
 Run alone: ``.venv/bin/python -m pytest -q tests/fault_drill.py`` (or ``python
 tests/fault_drill.py``); ``make test`` runs it through ``tests/test_reliability.py``.
@@ -47,7 +50,7 @@ ARGS = [
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
 
 
-def _env(drill=None):
+def _env():
     env = dict(os.environ)
     env.update(
         JAX_NUM_CPU_DEVICES="2",  # a 1x2x1 mesh: restores really reshard
@@ -57,17 +60,16 @@ def _env(drill=None):
         HF_DATASETS_OFFLINE="1",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
     )
-    env.pop("OGPSA_FAULT_DRILL", None)
-    if drill:
-        env["OGPSA_FAULT_DRILL"] = drill
     return env
 
 
 def launch(out, log_name, drill=None):
-    """Starts `ogpsa train sft ...` (the console script's module) writing to out."""
+    """Starts `ogpsa train sft ...` (the console script's module) writing to out; with a drill
+    (``PHASE@STEP+SECONDS``), under `ogpsa_jax.testing`'s fault drill."""
     log = open(out.parent / f"{out.name}.{log_name}.log", "w")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "ogpsa_jax.cli", "train", "sft", "--output-dir", str(out), *ARGS]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(drill), stdout=log, stderr=subprocess.STDOUT)
+    runner = ["ogpsa_jax.testing", "--fault-drill", drill] if drill else ["ogpsa_jax.cli"]
+    cmd = [sys.executable, "-m", *runner, "train", "sft", "--output-dir", str(out), *ARGS]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = log.name
     return proc
 

@@ -65,6 +65,10 @@ def test_train_sft_end_to_end_then_resume_and_guard(tmp_path, capsys):
         (["--set", "model.attention_chunk=-3"], r"'model.attention_chunk' must be >= -1"),
         (["--set", "mesh=3,1,1"], r"mesh \(3, 1, 1\) has 3 devices but 8 are used"),
         (["--set", "sft.batch_size=6"], r"batch_size'=6 is not divisible"),
+        (
+            ["--set", "sft.ogpsa.method=gradient", "--set", "sft.ogpsa.conflict_only=true"],
+            r"'sft.ogpsa.conflict_only': conflict_only=True is not supported by the matrix",
+        ),
         (["--set", "model.init=hf", "--set", "model.path=/no/such/model"], r"model folder"),
         (["--max-steps", "0"], r"--max-steps must be >= 1"),
     ],

@@ -22,13 +22,12 @@ from ogpsa_jax.bases import matrix_basis_from_activations
 from ogpsa_jax.models import init_random, make_mesh, tiny_config
 from ogpsa_jax.models.capture import SITES, stack_rows
 from ogpsa_jax.projection import MatrixOGPSAState, get_basis, ogpsa_matrix
-from ogpsa_jax.train import apply_overrides, preset, train
+from ogpsa_jax.train import apply_overrides, make_optimizer, preset, train, validate
 from ogpsa_jax.train import checkpoint as ckpt
-from ogpsa_jax.train.activation import inputs_like, make_activation_refresh, rows_per_batch
-from ogpsa_jax.train.config import validate
-from ogpsa_jax.train.loop import _load_inputs, _place, _rows_sharding
+from ogpsa_jax.train.inputs import load_inputs
 from ogpsa_jax.train.metrics import read_metrics
-from ogpsa_jax.train.step import make_optimizer
+from ogpsa_jax.train.refresh import inputs_like, make_activation_refresh, rows_per_batch
+from ogpsa_jax.train.sharding import place, rows_sharding
 
 RANK, ENERGY = 11, 0.8
 OVERRIDES = [
@@ -67,7 +66,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("activation")
     result = train("sft", cfg, out)
     mesh = make_mesh((2, 4, 1))
-    inputs = _load_inputs("sft", cfg)
+    inputs = load_inputs("sft", cfg)
     # Abstract targets with the training shardings, to restore the checkpoints as training does.
     model = init_random(
         dataclasses.replace(tiny_config(vocab_size=len(inputs.tokenizer))),
@@ -76,9 +75,9 @@ def run(tmp_path_factory):
         mesh=mesh,
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    proj, rest_tx = make_optimizer(cfg.sft, total_steps=4)
+    optimizer = make_optimizer(cfg.sft, total_steps=4)
     with jax.set_mesh(mesh):
-        opt = jax.jit(lambda p: (proj.init(p), rest_tx.init(p)))(params)
+        opt = jax.jit(optimizer.init)(params)
     manager = ckpt.open_manager(out / "checkpoints", max_to_keep=3)
     try:
         restored = {
@@ -145,14 +144,14 @@ def test_checkpointed_basis_round_trips_and_matches_a_recomputation(run):
     cfg, mesh = run["cfg"], run["mesh"]
     og = cfg.sft.ogpsa
     groups = run["inputs"].ref_groups["sft"]
-    ref_sh = _rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
+    ref_sh = rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
     with jax.set_mesh(mesh):
         refresh = make_activation_refresh(
             run["graphdef"],
             run["rest"],
             og,
             groups,
-            place=lambda b: _place(b, ref_sh),
+            place=lambda b: place(b, ref_sh),
             seed=cfg.seed,
         )
         redone, metrics = refresh(p2, opt2)

@@ -30,13 +30,22 @@ from safetensors.numpy import save_file
 from ogpsa_jax.bases import capability_basis, matrix_basis_from_gradients
 from ogpsa_jax.cli import EXIT_BAD_INPUT, main
 from ogpsa_jax.models import make_mesh, tiny_config
+from ogpsa_jax.overrides import to_dict
 from ogpsa_jax.projection import get_basis, ogpsa, ogpsa_matrix, set_basis
-from ogpsa_jax.train import NonFiniteError, OGPSAConfig, apply_overrides, preset, train
+from ogpsa_jax.testing import inject_nonfinite, parse_fault_drill, poisoning_loss, with_poison
+from ogpsa_jax.train import (
+    NonFiniteError,
+    OGPSAConfig,
+    Optimizer,
+    apply_overrides,
+    make_train_step,
+    preset,
+    train,
+)
 from ogpsa_jax.train import checkpoint as ckpt
-from ogpsa_jax.train.config import to_dict
-from ogpsa_jax.train.loop import _fault_drill, _make_refresh, _prepare_output_dir
 from ogpsa_jax.train.metrics import MetricsLog, read_metrics
-from ogpsa_jax.train.step import make_train_step
+from ogpsa_jax.train.refresh import make_gradient_refresh
+from ogpsa_jax.train.run_dir import prepare_output_dir
 
 F32 = jnp.float32
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
@@ -84,31 +93,33 @@ def test_nonfinite_step_changes_nothing_and_names_the_first_bad_leaf():
         total = jnp.sum(y * y) + jnp.sum(p["b"] * micro["z"]) + jnp.sum(micro["c"])
         return total, (jnp.asarray(micro["x"].shape[0], F32), {})
 
-    proj, rest = ogpsa(2), optax.sgd(0.05)
+    opt = Optimizer.chain(ogpsa(2), optax.sgd(0.05))
     refs = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), F32), params)] * 1
     refs.append(jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), F32), params))
-    opt_state = set_basis((proj.init(params), rest.init(params)), capability_basis(refs, k=2))
-    step = jax.jit(make_train_step(micro_loss, proj, rest))
+    opt_state = set_basis(opt.init(params), capability_basis(refs, k=2))
+    # The step with `ogpsa_jax.testing`'s poisoning loss: loss and gradient times 1 + poison.
+    step = jax.jit(make_train_step(poisoning_loss(micro_loss), opt))
 
-    def batch(z_nan=False, c_inf=False):
+    def batch(z_nan=False, c_inf=False, poison=0.0):
         z = rng.normal(size=(2, 5, 7)).astype(np.float32)
         if z_nan:
             z[1, 3, 4] = np.nan  # only leaf "b" gets a NaN gradient (and the loss is NaN)
         c = np.full((2, 1), np.inf if c_inf else 0.5, np.float32)  # inf loss, finite gradients
-        return {"x": rng.normal(size=(2, 4, 3)).astype(np.float32), "z": z, "c": c}
+        x = rng.normal(size=(2, 4, 3)).astype(np.float32)
+        return with_poison({"x": x, "z": z, "c": c}, poison)
 
-    clean, clean_opt, m = step(params, opt_state, batch(), F32(0.0), None)
+    clean, clean_opt, m = step(params, opt_state, batch(), None)
     assert int(m["skipped"]) == 0 and int(m["first_nonfinite_leaf"]) == -2
     assert float(jnp.max(jnp.abs(clean["a"] - params["a"]))) > 1e-4  # a real step moves params
 
     cases = [  # (batch, poison, first bad leaf: index, -1 = the loss only)
-        (batch(), np.nan, 0),
-        (batch(), np.inf, 0),
+        (batch(poison=np.nan), np.nan, 0),
+        (batch(poison=np.inf), np.inf, 0),
         (batch(c_inf=True), 0.0, -1),
         (batch(z_nan=True), 0.0, 1),
     ]
     for b, poison, first in cases:
-        new, new_opt, m = step(clean, clean_opt, b, F32(poison), None)
+        new, new_opt, m = step(clean, clean_opt, b, None)
         assert int(m["skipped"]) == 1, (poison, first)
         assert int(m["first_nonfinite_leaf"]) == first, (poison, first)
         chex.assert_trees_all_equal(new, clean)  # params untouched, bitwise
@@ -140,7 +151,7 @@ def _toy_refresh_setup():
 def test_nonfinite_reference_gradients_never_reach_the_basis():
     mesh, params, param_sh, apply_fn, groups = _toy_refresh_setup()
     og = OGPSAConfig(method="gram_schmidt", k=2)
-    refresh = _make_refresh(apply_fn, og, groups, param_sh, mesh)
+    refresh = make_gradient_refresh(apply_fn, og, groups, param_sh, mesh)
     proj, rest = ogpsa(2), optax.sgd(0.1)
     opt0 = (proj.init(params), rest.init(params))
     opt1, m1 = refresh(params, opt0)
@@ -314,20 +325,20 @@ def test_metrics_log_drops_a_cut_off_line_and_steps_after_the_checkpoint(tmp_pat
 
 
 def test_fault_drill_spec_is_checked():
-    assert _fault_drill("")("save", 3) is None
+    assert parse_fault_drill("")("save", 3) is None
     for bad in ("save@x+1", "boom@3+0.1", "save@3"):
-        with pytest.raises(ValueError, match="OGPSA_FAULT_DRILL"):
-            _fault_drill(bad)
+        with pytest.raises(ValueError, match=rf"fault drill {re.escape(repr(bad))}"):
+            parse_fault_drill(bad)
 
 
 def test_overwrite_replaces_the_folder_only_when_asked(tmp_path):
     out = tmp_path / "run"
-    _prepare_output_dir(str(out), {"config": {"seed": 0}}, overwrite=False)
+    prepare_output_dir(str(out), {"config": {"seed": 0}}, overwrite=False)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match=r"different config \(config.seed: 0 -> 1\).*--overwrite"):
-        _prepare_output_dir(str(out), {"config": {"seed": 1}}, overwrite=False)
+        prepare_output_dir(str(out), {"config": {"seed": 1}}, overwrite=False)
     assert json.loads((out / "config.json").read_text()) == {"config": {"seed": 0}}
-    _prepare_output_dir(str(out), {"config": {"seed": 1}}, overwrite=True)
+    prepare_output_dir(str(out), {"config": {"seed": 1}}, overwrite=True)
     assert sorted(os.listdir(out)) == ["config.json"]
     assert json.loads((out / "config.json").read_text()) == {"config": {"seed": 1}}
 
@@ -358,8 +369,8 @@ def run_cfg(*extra):
 def stopped_run(tmp_path_factory):
     """The shared run: checkpoints 1-4, basis refreshes before steps 1 and 4, stopped at 5."""
     out = tmp_path_factory.mktemp("rel") / "stopped"
-    with pytest.raises(NonFiniteError, match=STOP):
-        train("sft", run_cfg(), out, inject_nonfinite_at=NAN_AT)
+    with pytest.raises(NonFiniteError, match=STOP), inject_nonfinite(NAN_AT):
+        train("sft", run_cfg(), out)
     return out
 
 
@@ -389,9 +400,11 @@ def test_skipped_steps_are_counted_never_reach_params_or_basis_and_stop(stopped_
     # Step 2 skipped: its checkpoint equals step 1's bitwise (params, Adam moments, basis).
     chex.assert_trees_all_equal(s1, s2)
     # Step 4 skipped after a basis refresh: params and Adam moments as after step 3, the new
-    # basis (computed from finite reference gradients) installed.
+    # basis (computed from finite reference gradients) installed. The opt state is that of
+    # ogpsa_adamw: (projection, clip (no arrays), adamw (scale_by_adam first)).
     chex.assert_trees_all_equal(s3["params"], s4["params"])
-    chex.assert_trees_all_equal(s3["opt_state"][1], s4["opt_state"][1])
+    assert len(s3["opt_state"]) == 3 and set(s3["opt_state"][2][0]) == {"count", "mu", "nu"}
+    chex.assert_trees_all_equal(s3["opt_state"][1:], s4["opt_state"][1:])
     assert not leaves_equal(s3["opt_state"][0], s4["opt_state"][0])
     assert not leaves_equal(s2["params"], s3["params"])  # step 3 did move the weights
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(s4))
@@ -402,8 +415,8 @@ def test_resume_skips_incomplete_checkpoints_and_equals_uninterrupted(stopped_ru
     cks = run / "checkpoints"
     os.remove(cks / "4" / "commit_success.txt")  # a step folder without its commit marker
     shutil.copytree(cks / "3", cks / "5.orbax-checkpoint-tmp-1700000000")  # a save cut short
-    with pytest.raises(NonFiniteError, match=STOP):
-        train("sft", run_cfg(), run, inject_nonfinite_at=NAN_AT)
+    with pytest.raises(NonFiniteError, match=STOP), inject_nonfinite(NAN_AT):
+        train("sft", run_cfg(), run)
     assert sorted(os.listdir(cks)) == ["3", "4"]  # 4 rewritten complete, the rest removed
     # Resumed from step 3, so the refresh before step 4 ran again at the restored weights and
     # the skip counters came from the checkpoint: bitwise the uninterrupted checkpoint 4 and

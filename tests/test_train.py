@@ -17,6 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -24,18 +25,25 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
+import ogpsa_jax as og
 from ogpsa_jax.bases import capability_basis
 from ogpsa_jax.models import init_random, load_hf, make_mesh, tiny_config
 from ogpsa_jax.projection import get_basis, set_basis
-from ogpsa_jax.train import EXIT_PREEMPTED, NonFiniteError, apply_overrides, preset, train
-from ogpsa_jax.train.config import StageConfig
-from ogpsa_jax.train.metrics import read_metrics
-from ogpsa_jax.train.step import (
-    dpo_micro_loss,
+from ogpsa_jax.testing import inject_nonfinite, poisoning_loss, with_poison
+from ogpsa_jax.train import (
+    EXIT_PREEMPTED,
+    NonFiniteError,
+    StageConfig,
+    apply_overrides,
     make_optimizer,
     make_train_step,
-    sft_micro_loss,
+    preset,
+    train,
 )
+from ogpsa_jax.train import checkpoint as ckpt
+from ogpsa_jax.train.losses import token_nll
+from ogpsa_jax.train.metrics import read_metrics
+from ogpsa_jax.train.step import dpo_micro_loss, sft_micro_loss
 
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
 
@@ -72,11 +80,17 @@ def metric_records(run_dir):
 NAN_AT = (2,)  # fault drill in every run here: step 2 of each stage gets a NaN gradient
 
 
+def train_with_nan(*args, **kwargs):
+    """`train` with a NaN gradient injected at the steps NAN_AT of every stage."""
+    with inject_nonfinite(NAN_AT):
+        return train(*args, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def sft_dpo_run(tmp_path_factory):
     """One sft-dpo run on a 2x4 mesh: SFT stage in DIR/sft, DPO stage in DIR."""
     out = tmp_path_factory.mktemp("sft_dpo")
-    result = train("sft-dpo", tiny_cfg("mesh=2,4,1"), out, inject_nonfinite_at=NAN_AT)
+    result = train_with_nan("sft-dpo", tiny_cfg("mesh=2,4,1"), out)
     return out, result
 
 
@@ -111,7 +125,7 @@ def test_sft_loss_falls_and_final_loads(sharded_run):
 def test_one_device_equals_sharded(sharded_run, tmp_path):
     out, _ = sharded_run
     single = tmp_path / "single"
-    train("sft", tiny_cfg("num_devices=1", "mesh=1,1,1"), single, inject_nonfinite_at=NAN_AT)
+    train_with_nan("sft", tiny_cfg("num_devices=1", "mesh=1,1,1"), single)
     a, b = final_params(out), final_params(single)
     assert a.keys() == b.keys()
     # Different reduction orders across 8 shards vs 1: float32 round-off, amplified a little by
@@ -131,11 +145,11 @@ def test_preempted_resume_equals_uninterrupted_bitwise(sharded_run, tmp_path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    first = train("sft", cfg, run, step_callback=sigterm_at_2, inject_nonfinite_at=NAN_AT)
+    first = train_with_nan("sft", cfg, run, step_callback=sigterm_at_2)
     assert first.preempted and first.step == 2 and EXIT_PREEMPTED == 75
     assert sorted(os.listdir(run / "checkpoints")) == ["2"]
     assert not (run / "final").exists()
-    second = train("sft", cfg, run, inject_nonfinite_at=NAN_AT)
+    second = train_with_nan("sft", cfg, run)
     assert second.step == 4 and not second.preempted
     # Same seed, same device count: bitwise identical params, opt state (basis included) and
     # metrics, although the second half ran in a new process state from a checkpoint.
@@ -187,7 +201,7 @@ def test_sgd_update_is_orthogonal_to_basis_and_nan_is_skipped():
     apply_fn = lambda p, ids, attn: nnx.merge(graphdef, p, rest)(ids, attn)
     stage = StageConfig(optimizer="sgd", learning_rate=0.5, max_grad_norm=1.0, schedule="constant")
     stage = dataclasses.replace(stage, ogpsa=dataclasses.replace(stage.ogpsa, k=3))
-    proj, rest_tx = make_optimizer(stage, total_steps=10)
+    opt = make_optimizer(stage, total_steps=10)
 
     @jax.jit
     def make_basis(p):
@@ -197,12 +211,11 @@ def test_sgd_update_is_orthogonal_to_basis_and_nan_is_skipped():
         return capability_basis(refs, k=3, method="svd")
 
     basis = make_basis(params)
-    opt_state = set_basis((proj.init(params), rest_tx.init(params)), basis)
-    step = jax.jit(make_train_step(sft_micro_loss(apply_fn), proj, rest_tx))
-    zero = jnp.float32(0.0)
-    new, new_opt, m = step(params, opt_state, batch, zero, None)
+    opt_state = set_basis(opt.init(params), basis)
+    step = jax.jit(make_train_step(sft_micro_loss(apply_fn), opt))
+    new, new_opt, m = step(params, opt_state, batch, None)
     # The naive step: the same program with the initial all-zero basis (projects nothing).
-    plain, _, _ = step(params, (proj.init(params), rest_tx.init(params)), batch, zero, None)
+    plain, _, _ = step(params, opt.init(params), batch, None)
     assert int(m["skipped"]) == 0 and 0 < float(m["frac_removed"]) < 1
 
     @jax.jit
@@ -227,21 +240,101 @@ def test_sgd_update_is_orthogonal_to_basis_and_nan_is_skipped():
     # step has components along the basis many orders larger (so this check can fail).
     assert worst <= 1e-5 * unorm, worst
     assert worst_naive > 1e-3 * nnorm, worst_naive
-    # A NaN-poisoned step changes nothing and names the first bad leaf.
-    same, same_opt, m2 = step(new, new_opt, batch, jnp.float32(np.nan), None)
+    # A NaN-poisoned step (the same step with `ogpsa_jax.testing`'s poisoning loss) changes
+    # nothing and names the first bad leaf.
+    poisoned = jax.jit(make_train_step(poisoning_loss(sft_micro_loss(apply_fn)), opt))
+    same, same_opt, m2 = poisoned(new, new_opt, with_poison(batch, np.nan), None)
     assert int(m2["skipped"]) == 1 and int(m2["first_nonfinite_leaf"]) == 0
     chex.assert_trees_all_equal(same, new)
     chex.assert_trees_all_equal(same_opt, new_opt)
 
 
-def test_nonfinite_stop_names_step_and_path(tmp_path):
-    with pytest.raises(NonFiniteError, match=r"sft step 1: non-finite gradient at parameter"):
-        train(
-            "sft",
-            tiny_cfg("on_nonfinite=stop", "sft.max_steps=1", "sft.ogpsa.enabled=false"),
-            tmp_path / "stop",
-            inject_nonfinite_at=(1,),
+def _alias_of(stage, total_steps):
+    """The tiny preset's SFT optimiser written by a user from the public API alone."""
+    assert stage.optimizer == "adamw" and stage.schedule == "cosine" and not stage.warmup_steps
+    schedule = optax.cosine_decay_schedule(stage.learning_rate, total_steps)
+    return og.ogpsa_adamw(schedule, k=stage.ogpsa.k, max_grad_norm=stage.max_grad_norm)
+
+
+def test_users_own_loop_with_the_public_alias_equals_the_cli_step():
+    stage = preset("tiny").sft  # AdamW, clip 1.0, lr 3e-3 cosine, flat basis with k = 2
+    model, batch = _tiny_model_and_batch()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    apply_fn = lambda p, ids, attn: nnx.merge(graphdef, p, rest)(ids, attn)
+    refs = [jax.tree.map(lambda x, i=i: jnp.sin(x + i), params) for i in range(3)]
+    basis = jax.jit(lambda r: capability_basis(r, k=2, method="svd"))(refs)
+
+    # The user's loop: ogpsa_adamw + set_basis, gradients accumulated over the micro-batches
+    # and divided once by the token count (the token-mean NLL of the step's batch).
+    tx = _alias_of(stage, total_steps=10)
+    user_state = og.set_basis(tx.init(params), basis)
+
+    @jax.jit
+    def user_step(p, state):
+        def nll(p, micro):
+            logits = apply_fn(p, micro["input_ids"], micro["attention_mask"])
+            return token_nll(logits, micro["input_ids"], micro["loss_mask"])
+
+        micros = [jax.tree.map(lambda x, a=a: x[a], batch) for a in range(2)]
+        grads = [jax.grad(lambda p, m=m: nll(p, m)[0])(p) for m in micros]
+        count = sum(nll(p, m)[1] for m in micros)
+        g = jax.tree.map(lambda a, b: (a + b) / count, *grads)
+        updates, state = tx.update(g, state, p)
+        return optax.apply_updates(p, updates), state
+
+    user_params, user_state = user_step(params, user_state)
+
+    # The CLI's step, from the stage config: its optimiser state IS the alias's.
+    opt = make_optimizer(stage, total_steps=10)
+    cli_state = og.set_basis(opt.init(params), basis)
+    assert jax.tree.structure(cli_state) == jax.tree.structure(user_state)
+    step = jax.jit(make_train_step(sft_micro_loss(apply_fn), opt))
+    cli_params, cli_state, m = step(params, cli_state, batch, None)
+    assert int(m["skipped"]) == 0 and 0 < float(m["frac_removed"]) < 1
+    # Same math; the accumulation runs in a lax.scan in the step and unrolled here, so float32
+    # round-off may differ (measured: 4e-9): 1e-6 is 1/3000 of one step's learning rate (each
+    # AdamW update is about lr = 3e-3 per element on a first step).
+    moved = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(cli_params), jax.tree.leaves(params), strict=True)
+    )
+    assert moved > 1e-3
+    chex.assert_trees_all_close(cli_params, user_params, rtol=0, atol=1e-6)
+    chex.assert_trees_all_close(cli_state, user_state, rtol=1e-5, atol=1e-9)
+
+
+def test_checkpointed_opt_state_is_the_public_alias_state(sharded_run):
+    """A checkpoint written by `ogpsa train` restores into ``ogpsa_adamw(...)``'s state and
+    continues in a user's own loop."""
+    out, _ = sharded_run
+    cfg = tiny_cfg()
+    _, params, _ = nnx.split(load_hf(out / "final", dtype=jnp.float32), nnx.Param, ...)
+    tx = _alias_of(cfg.sft, total_steps=4)
+    alias_state = jax.jit(tx.init)(params)
+    step, meta = ckpt.read_meta(out / "checkpoints")
+    assert step == 4 and meta["opt_shapes"] == ckpt.shapes_of(alias_state)
+    manager = ckpt.open_manager(out / "checkpoints", max_to_keep=2)
+    try:
+        _, restored, _ = ckpt.restore(
+            manager, 4, ckpt.abstract_like(params), ckpt.abstract_like(alias_state)
         )
+    finally:
+        manager.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(alias_state)
+    assert isinstance(restored[0], og.OGPSAState) and int(restored[-1][0].count) == 3
+    u = get_basis(restored)  # the basis refreshed before step 4 (k = 2 directions per leaf)
+    u_embed = jax.tree.leaves(u[0]["embed_tokens"])[0]
+    assert float(jnp.linalg.norm(u_embed)) == pytest.approx(1.0, abs=1e-5)
+    g = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(g, restored, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(updates))
+
+
+def test_nonfinite_stop_names_step_and_path(tmp_path):
+    cfg = tiny_cfg("on_nonfinite=stop", "sft.max_steps=1", "sft.ogpsa.enabled=false")
+    with pytest.raises(NonFiniteError, match=r"sft step 1: non-finite gradient at parameter"):
+        with inject_nonfinite((1,)):
+            train("sft", cfg, tmp_path / "stop")
 
 
 # Explicit mesh axes (`mesh_axis_type=explicit`): sharding is part of every array's type, so the
@@ -295,7 +388,7 @@ def test_sharded_train_steps_lower_for_gpu_and_tpu(platform, axis_type):
     apply_fn = lambda p, ids, attn: nnx.merge(graphdef, p, rest)(ids, attn)
     stage = StageConfig()
     assert stage.ogpsa.enabled and stage.ogpsa.k == 2
-    proj, rest_tx = make_optimizer(stage, total_steps=10)
+    opt = make_optimizer(stage, total_steps=10)
     ids = np.random.default_rng(0).integers(3, 98, size=(2, 8, 16)).astype(np.int32)
     rows = lambda x: jax.device_put(  # noqa: E731
         x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2))))
@@ -305,16 +398,14 @@ def test_sharded_train_steps_lower_for_gpu_and_tpu(platform, axis_type):
     sft_batch["loss_mask"] = sft_batch["attention_mask"]
     dpo_batch = dict(sft_batch, ref_logps=rows(np.zeros((2, 8), np.float32)))
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(lambda p: (proj.init(p), rest_tx.init(p)))(params)
+        opt_state = jax.jit(opt.init)(params)
         n_donated = len(jax.tree.leaves((params, opt_state)))
         for loss, batch in (
             (sft_micro_loss(apply_fn), sft_batch),
             (dpo_micro_loss(apply_fn, stage), dpo_batch),
         ):
-            step = jax.jit(make_train_step(loss, proj, rest_tx), donate_argnums=(0, 1))
-            exported = jax.export.export(step, platforms=[platform])(
-                params, opt_state, batch, jnp.float32(0), None
-            )
+            step = jax.jit(make_train_step(loss, opt), donate_argnums=(0, 1))
+            exported = jax.export.export(step, platforms=[platform])(params, opt_state, batch, None)
             text = exported.mlir_module()
             assert exported.platforms == (platform,) and exported.nr_devices == 8
             targets = re.findall(r"custom_call @([\w.]+)", text)

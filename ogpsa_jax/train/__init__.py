@@ -1,23 +1,24 @@
-"""Sharded SFT / DPO / SFT->DPO training with OGPSA: configs, losses, steps, loop, checkpoints.
+"""Sharded SFT / DPO / SFT->DPO training with OGPSA: configs, presets, losses, step, loop.
+
+Files: `schema` (the config dataclasses, `validate`), `presets`, `inputs` (everything read
+before the run folder is touched), `run_dir` (the run folder), `optimizer` (the public OGPSA
+alias built from a stage config), `step` (the pure train step), `losses`, `dpo_reference`,
+`refresh` (basis refreshes), `sharding`, `checkpoint`, `metrics`, `loop` (`train` and the
+stage loop), `hooks` (the loop's seams for `ogpsa_jax.testing`).
 
 Example:
-    >>> from ogpsa_jax.train import preset, train
-    >>> train("sft", preset("tiny"), "runs/tiny-sft")  # doctest: +SKIP
+    >>> from ogpsa_jax.train import apply_overrides, preset, train
+    >>> config = apply_overrides(preset("tiny"), ["sft.max_steps=3"])
+    >>> train("sft", config, "runs/tiny-sft")  # doctest: +SKIP
 """
 
-from ogpsa_jax.train.config import (
-    PRESETS,
-    ModelConfig,
-    OGPSAConfig,
-    StageConfig,
-    TrainConfig,
-    apply_overrides,
-    preset,
-    validate,
-)
+from ogpsa_jax.overrides import apply_overrides
 from ogpsa_jax.train.loop import EXIT_PREEMPTED, NonFiniteError, TrainResult, train
 from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, token_nll
-from ogpsa_jax.train.step import make_optimizer, make_train_step
+from ogpsa_jax.train.optimizer import Optimizer, make_optimizer
+from ogpsa_jax.train.presets import PRESETS, preset
+from ogpsa_jax.train.schema import ModelConfig, OGPSAConfig, StageConfig, TrainConfig, validate
+from ogpsa_jax.train.step import make_train_step
 
 __all__ = [
     "EXIT_PREEMPTED",
@@ -25,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "NonFiniteError",
     "OGPSAConfig",
+    "Optimizer",
     "StageConfig",
     "TrainConfig",
     "TrainResult",

@@ -12,7 +12,8 @@ removed by `open_manager`, so the previous complete checkpoint is the one resume
 Example:
     >>> mngr = open_manager(path, max_to_keep=2)  # doctest: +SKIP
     >>> save(mngr, 10, params, opt_state, meta)  # doctest: +SKIP
-    >>> params, opt_state, meta = restore(mngr, 10, abstract_params, abstract_opt)  # +SKIP
+    >>> params, opt_state, meta = restore(  # doctest: +SKIP
+    ...     mngr, 10, abstract_like(params), abstract_like(opt_state))
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ogpsa_jax.train.step import leaf_paths
+from ogpsa_jax._tree import path_str
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,9 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int) -> ocp.Check
 
 
 def shapes_of(params: Any) -> dict[str, list[int]]:
-    """Parameter path -> shape (recorded in every checkpoint)."""
-    leaves = jax.tree.leaves(params)
-    return {p: list(x.shape) for p, x in zip(leaf_paths(params), leaves, strict=True)}
+    """Leaf path -> shape of a parameter or optimiser-state tree (recorded in every checkpoint;
+    masked leaves hold nothing and are left out)."""
+    return {path_str(p): list(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def save(

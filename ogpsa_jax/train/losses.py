@@ -5,8 +5,10 @@ Batch convention (shared with ``ogpsa_jax.data``): ``input_ids``, ``attention_ma
 logits[:, :-1] are scored against input_ids[:, 1:] under loss_mask[:, 1:].
 
 Example:
-    >>> nll_sum, count = token_nll(logits_BxLxV, batch["input_ids"], batch["loss_mask"])
-    >>> loss = nll_sum / count
+    >>> ids, mask = jnp.array([[3, 1, 2]]), jnp.array([[0, 1, 1]])  # targets: tokens 1 and 2
+    >>> nll_sum, count = token_nll(jnp.zeros((1, 3, 4)), ids, mask)  # uniform over 4 tokens
+    >>> round(float(nll_sum / count), 4), float(count)  # log 4 per target token
+    (1.3863, 2.0)
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def token_nll(
         (nll_sum, count): float32 scalars.
 
     Example:
-        >>> total, n = token_nll(logits, ids, mask)  # doctest: +SKIP
+        >>> total, n = token_nll(jnp.zeros((1, 2, 5)), jnp.array([[4, 1]]), jnp.array([[0, 1]]))
+        >>> float(n), round(float(total), 4)  # one target token, uniform over 5: log 5
+        (1.0, 1.6094)
     """
     s_B, n_B = sequence_logprobs(logits_BxLxV, input_ids_BxL, loss_mask_BxL)
     return -jnp.sum(s_B), jnp.sum(n_B)

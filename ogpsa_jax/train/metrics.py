@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any
 
+from tensorboardX import SummaryWriter
+
 
 def _clean(value: Any) -> Any:
     value = float(value) if not isinstance(value, int | str) else value
@@ -64,8 +66,6 @@ class MetricsLog:
         os.replace(self.path + ".tmp", self.path)
         self._file = open(self.path, "a")  # noqa: SIM115 -- closed in close()
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(
                 os.path.join(os.fspath(directory), "tb"), purge_step=resume_step + 1
             )

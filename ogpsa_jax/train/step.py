@@ -1,20 +1,19 @@
-"""Pure, jitted train steps (SFT and DPO) with OGPSA projection, accumulation and fault guards.
+"""The pure train step (SFT and DPO): accumulate, project, clip, update, and guard non-finite steps.
 
-The optimiser is ``ogpsa_adamw``'s chain split in two halves -- the projection (``ogpsa`` /
-``ogpsa_matrix``, or identity when OGPSA is off) and ``chain(clip, adamw)`` (or ``sgd``) -- so the
-step sees the projected gradient for its metrics without projecting twice. The opt state is the
-tuple ``(projection_state, rest_state)``.
+``step(params, opt_state, batch, ref_params) -> (params, opt_state, metrics)``. ``opt_state`` is
+the state of the stage's public optimiser alias (`ogpsa_jax.train.optimizer`); the step applies
+its projection and the rest one after the other, which is the alias's update, and so sees the
+projected gradient for its metrics without projecting twice.
 
 Example:
-    >>> proj, rest = make_optimizer(stage_cfg, total_steps=100)  # doctest: +SKIP
-    >>> step = make_train_step(apply_fn, "sft", stage_cfg, proj, rest)  # doctest: +SKIP
+    >>> opt = make_optimizer(stage_cfg, total_steps=100)  # doctest: +SKIP
+    >>> step = make_train_step(sft_micro_loss(apply_fn), opt)  # doctest: +SKIP
     >>> params, opt_state, metrics = jax.jit(step, donate_argnums=(0, 1))(  # doctest: +SKIP
-    ...     params, opt_state, batch, 0.0, None)
+    ...     params, opt.init(params), batch, None)
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,134 +21,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ogpsa_jax._tree import is_masked
 from ogpsa_jax.models import sequence_logprobs
-from ogpsa_jax.train.config import FLAT_METHODS, StageConfig
+from ogpsa_jax.projection import residual_max
 from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, token_nll
+from ogpsa_jax.train.optimizer import Optimizer
+from ogpsa_jax.train.schema import StageConfig
 
 _F32 = jnp.float32
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+# (params, micro-batch, ref_params) -> (loss sum, (count, {name: sum})): divided once per step.
+MicroLoss = Callable[[Any, dict, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
 
 
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-    """A key path as "a/b/c" (dict keys, attributes and indices; nnx ``value`` dropped)."""
-    parts = []
-    for k in path:
-        part = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        parts.append(str(part))
-    if parts and parts[-1] == "value":
-        parts = parts[:-1]
-    return "/".join(parts)
-
-
-def leaf_paths(tree: Any) -> list[str]:
-    """ "/"-joined paths of a tree's leaves, in leaf order."""
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def param_mask(spec: str) -> Callable[[Any], Any] | None:
-    """The projection mask for a config string.
+def sft_micro_loss(apply_fn: ApplyFn) -> MicroLoss:
+    """SFT micro-batch loss: ``(nll_sum, (token_count, {}))``.
 
     Args:
-        spec: "all" (project every tensor), "no_embed" (skip paths containing "embed" or
-            "lm_head"), or a regex: tensors whose path matches are projected.
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
 
     Returns:
-        None (all) or a callable params -> pytree of bools.
+        The micro-batch loss.
     """
-    if spec == "all":
-        return None
-    if spec == "no_embed":
-        pattern = re.compile(r"^(?!.*(embed|lm_head)).*$")
-    else:
-        try:
-            pattern = re.compile(spec)
-        except re.error as e:
-            raise ValueError(f"ogpsa.mask {spec!r} is not a valid regex: {e}") from None
-
-    def mask_fn(params: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(
-            lambda p, _: bool(pattern.search(path_str(p))), params
-        )
-
-    return mask_fn
-
-
-def make_schedule(stage: StageConfig, total_steps: int) -> optax.Schedule:
-    """Cosine decay to 0 over ``total_steps`` (after optional warm-up), or constant."""
-    lr = stage.learning_rate
-    if stage.schedule == "constant":
-        return optax.constant_schedule(lr)
-    total = max(total_steps, 1)
-    if stage.warmup_steps > 0:
-        return optax.warmup_cosine_decay_schedule(
-            0.0, lr, stage.warmup_steps, max(total, stage.warmup_steps + 1), end_value=0.0
-        )
-    return optax.cosine_decay_schedule(lr, total, alpha=0.0)
-
-
-def make_optimizer(
-    stage: StageConfig, total_steps: int
-) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """The two halves of the optimiser: projection, then clip + AdamW (or SGD).
-
-    Args:
-        stage: stage config (optimiser and OGPSA fields).
-        total_steps: optimiser steps of the run (cosine length).
-
-    Returns:
-        (projection, rest). Their chain equals ``ogpsa_adamw(...)`` for the adamw optimiser.
-    """
-    from ogpsa_jax.projection import ogpsa
-
-    og = stage.ogpsa
-    mask = param_mask(og.mask)
-    if not og.enabled:
-        proj = optax.identity()
-    elif og.method in FLAT_METHODS:
-        proj = ogpsa(og.k, strength=og.strength, conflict_only=og.conflict_only, mask=mask)
-    else:
-        from ogpsa_jax.projection import ogpsa_matrix
-
-        if og.conflict_only:
-            raise ValueError(f"ogpsa.conflict_only is not supported by method {og.method!r}")
-        proj = ogpsa_matrix(og.k, strength=og.strength, mask=mask)
-    schedule = make_schedule(stage, total_steps)
-    parts = []
-    if stage.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(stage.max_grad_norm))
-    if stage.optimizer == "sgd":
-        parts.append(optax.sgd(schedule))
-    else:
-        parts.append(
-            optax.adamw(
-                schedule, b1=stage.b1, b2=stage.b2, eps=stage.eps, weight_decay=stage.weight_decay
-            )
-        )
-    return proj, optax.chain(*parts)
-
-
-def _sq_norm(tree: Any) -> jax.Array:
-    leaves = [x for x in jax.tree.leaves(tree) if not _is_masked(x)]
-    return sum((jnp.sum(jnp.square(x.astype(_F32))) for x in leaves), jnp.zeros((), _F32))
-
-
-def _max_residual(pg: Any, proj_state: Any) -> jax.Array:
-    """What the projected gradient still has along the protected directions: max over leaves
-    and directions of |<Pg, u_i>| (flat basis) or of |V^T Pg| (matrix basis, the decoder's
-    default input axes, as training builds it); 0 when OGPSA is off."""
-    from ogpsa_jax.projection import residual_max
-
-    return residual_max(pg, proj_state)
-
-
-def sft_micro_loss(
-    apply_fn: ApplyFn,
-) -> Callable[[Any, dict[str, jax.Array], Any], tuple[jax.Array, tuple[jax.Array, dict]]]:
-    """SFT micro-batch loss: (nll_sum, (token_count, {}))."""
 
     def loss(params: Any, micro: dict[str, jax.Array], ref_params: Any) -> Any:
         del ref_params
@@ -160,17 +53,39 @@ def sft_micro_loss(
     return loss
 
 
-def dpo_micro_loss(apply_fn: ApplyFn, stage: StageConfig) -> Callable:
-    """DPO micro-batch loss on stacked [chosen; rejected] rows: (loss_sum, (pairs, sums)).
+def make_logps_fn(apply_fn: ApplyFn, stage: StageConfig) -> Callable:
+    """``f(params, batch) -> [rows]`` sequence log-probs (per-token mean for IPO).
+
+    Args:
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        stage: the DPO stage config (``loss_type``).
+
+    Returns:
+        The log-prob function (the DPO policy's, and the reference's).
+    """
+
+    def f(params: Any, batch: dict) -> jax.Array:
+        logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
+        s, n = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+        return s / jnp.maximum(n, 1.0) if stage.loss_type == "ipo" else s
+
+    return f
+
+
+def dpo_micro_loss(apply_fn: ApplyFn, stage: StageConfig) -> MicroLoss:
+    """DPO micro-batch loss on stacked [chosen; rejected] rows: ``(loss_sum, (pairs, sums))``.
 
     Reference log-probs come from ``micro["ref_logps"]`` ([2P], precomputed) or, when
     ``ref_params`` is given, from the frozen reference model.
-    """
 
-    def row_logps(params: Any, micro: dict[str, jax.Array]) -> jax.Array:
-        logits = apply_fn(params, micro["input_ids"], micro["attention_mask"])
-        s, n = sequence_logprobs(logits, micro["input_ids"], micro["loss_mask"])
-        return s / jnp.maximum(n, 1.0) if stage.loss_type == "ipo" else s
+    Args:
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        stage: the DPO stage config (``beta``, ``label_smoothing``, ``loss_type``).
+
+    Returns:
+        The micro-batch loss; its sums are the implicit rewards, margins and accuracy.
+    """
+    row_logps = make_logps_fn(apply_fn, stage)
 
     def loss(params: Any, micro: dict[str, jax.Array], ref_params: Any) -> Any:
         lp_R = row_logps(params, micro)
@@ -189,90 +104,112 @@ def dpo_micro_loss(apply_fn: ApplyFn, stage: StageConfig) -> Callable:
     return loss
 
 
-def make_train_step(
-    micro_loss: Callable,
-    proj_tx: optax.GradientTransformation,
-    rest_tx: optax.GradientTransformation,
-) -> Callable:
+def _sq_norm(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if not is_masked(x)]
+    return sum((jnp.sum(jnp.square(x.astype(_F32))) for x in leaves), jnp.zeros((), _F32))
+
+
+def _accumulate(micro_loss: MicroLoss, params: Any, batch: dict, ref_params: Any) -> tuple:
+    """Sums of the loss, its float32 gradient, the count and the aux sums over the leading
+    accumulation axis of ``batch`` (a `lax.scan`)."""
+
+    def body(carry: Any, micro: dict) -> Any:
+        g_acc, loss_acc, n_acc, aux_acc = carry
+        (loss_sum, (count, aux)), g = jax.value_and_grad(micro_loss, has_aux=True)(
+            params, micro, ref_params
+        )
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(_F32), g_acc, g)
+        aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
+        return (g_acc, loss_acc + loss_sum, n_acc + count, aux_acc), None
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    aux0 = jax.eval_shape(lambda: micro_loss(params, first, ref_params)[1][1])
+    zeros = (
+        # zeros_like keeps each parameter's sharding (part of the type on Explicit axes)
+        jax.tree.map(lambda p: jnp.zeros_like(p, _F32), params),
+        jnp.zeros((), _F32),
+        jnp.zeros((), _F32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0),
+    )
+    (g_sum, loss_sum, count, aux_sum), _ = jax.lax.scan(body, zeros, batch)
+    return g_sum, loss_sum, count, aux_sum
+
+
+def _finite(grads: Any, loss: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(all finite, index of the first non-finite gradient leaf; -1: only the loss; -2: none)."""
+    leaf_ok = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grads)])
+    ok = jnp.all(leaf_ok) & jnp.isfinite(loss)
+    first_bad = jnp.where(
+        jnp.all(leaf_ok), jnp.where(jnp.isfinite(loss), -2, -1), jnp.argmin(leaf_ok)
+    )
+    return ok, first_bad
+
+
+def _update_or_skip(
+    optimizer: Optimizer, params: Any, opt_state: Any, grads: Any, ok: jax.Array
+) -> tuple:
+    """``(params, opt_state, projected grads, updates)`` after the optimiser, or, when ``ok`` is
+    False, the unchanged params and state with zero updates."""
+
+    def apply(operands: Any) -> Any:
+        params, opt_state, grads = operands
+        proj_state, rest_state = optimizer.split(opt_state)
+        pg, new_proj = grads, None
+        if optimizer.projection is not None:
+            pg, new_proj = optimizer.projection.update(grads, proj_state, params)
+        updates, new_rest = optimizer.rest.update(pg, rest_state, params)
+        new_opt = optimizer.join(new_proj, new_rest)
+        return optax.apply_updates(params, updates), new_opt, pg, updates
+
+    def skip(operands: Any) -> Any:
+        params, opt_state, grads = operands
+        # zero updates shaped, typed and sharded like the parameters they would move
+        zeros = lambda p, s: jnp.zeros_like(p, s.dtype)
+        return params, opt_state, grads, jax.tree.map(zeros, params, shapes[3])
+
+    # A non-finite step leaves params and opt state untouched. `lax.cond` (not a select of
+    # new vs old) lets XLA update the donated buffers in place: a `jnp.where(ok, new, old)`
+    # made it copy the AdamW moments every step.
+    operands = (params, opt_state, grads)
+    shapes = jax.eval_shape(apply, operands)
+    return jax.lax.cond(ok, apply, skip, operands)
+
+
+def make_train_step(micro_loss: MicroLoss, optimizer: Optimizer) -> Callable:
     """The pure train step (to be jitted with shardings and donation by the caller).
 
-    ``step(params, opt_state, batch, poison, ref_params) -> (params, opt_state, metrics)``:
-    ``batch`` holds arrays with a leading accumulation axis [A, ...]; gradients of the summed
-    loss are accumulated with ``lax.scan`` and divided once by the total count. ``poison`` is a
-    float32 scalar multiplied into the gradient as ``(1 + poison)``: 0 normally, NaN in fault
-    drills. A step whose loss or gradient is not finite leaves params and opt state unchanged
-    (``skipped = 1``; ``first_nonfinite_leaf`` = index of the first bad gradient leaf, -1 if
-    only the loss, -2 if none).
+    ``step(params, opt_state, batch, ref_params) -> (params, opt_state, metrics)``: ``batch``
+    holds arrays with a leading accumulation axis [A, ...]; gradients of the summed loss are
+    accumulated with ``lax.scan`` and divided once by the total count. A step whose loss or
+    gradient is not finite leaves params and opt state unchanged (``skipped = 1``;
+    ``first_nonfinite_leaf`` = index of the first bad gradient leaf, -1 if only the loss, -2 if
+    none).
 
     Args:
         micro_loss: ``(params, micro, ref_params) -> (sum, (count, aux_sums))``.
-        proj_tx: projection transform (ogpsa / ogpsa_matrix / identity).
-        rest_tx: clip + optimiser.
+        optimizer: from `make_optimizer`; ``opt_state`` is the state of its ``tx``.
 
     Returns:
-        The step function.
+        The step function. Its metrics: ``loss``, ``grad_norm`` (before the projection),
+        ``proj_grad_norm`` (after), ``frac_removed``, ``residual_max``, ``update_norm``,
+        ``skipped``, ``first_nonfinite_leaf``, ``count``, and the micro loss's aux means.
     """
 
-    def step(params: Any, opt_state: Any, batch: dict, poison: jax.Array, ref_params: Any):
-        proj_state, rest_state = opt_state
-        grad_fn = jax.grad(micro_loss, has_aux=True)
-
-        def body(carry: Any, micro: dict) -> Any:
-            g_acc, loss_acc, n_acc, aux_acc = carry
-            (loss_sum, (count, aux)), g = jax.value_and_grad(micro_loss, has_aux=True)(
-                params, micro, ref_params
-            )
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(_F32), g_acc, g)
-            aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
-            return (g_acc, loss_acc + loss_sum, n_acc + count, aux_acc), None
-
-        del grad_fn
-        first = jax.tree.map(lambda x: x[0], batch)
-        aux0 = jax.eval_shape(lambda: micro_loss(params, first, ref_params)[1][1])
-        zeros = (
-            # zeros_like keeps each parameter's sharding (part of the type on Explicit axes)
-            jax.tree.map(lambda p: jnp.zeros_like(p, _F32), params),
-            jnp.zeros((), _F32),
-            jnp.zeros((), _F32),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0),
-        )
-        (g_sum, loss_sum, count, aux_sum), _ = jax.lax.scan(body, zeros, batch)
-        inv = (1.0 + poison) / jnp.maximum(count, 1.0)
+    def step(params: Any, opt_state: Any, batch: dict, ref_params: Any) -> tuple:
+        g_sum, loss_sum, count, aux_sum = _accumulate(micro_loss, params, batch, ref_params)
+        inv = 1.0 / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda x, p: (x * inv).astype(p.dtype), g_sum, params)
         loss = loss_sum * inv
-
-        leaf_ok = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grads)])
-        ok = jnp.all(leaf_ok) & jnp.isfinite(loss)
-        first_bad = jnp.where(
-            jnp.all(leaf_ok), jnp.where(jnp.isfinite(loss), -2, -1), jnp.argmin(leaf_ok)
-        )
-
-        def apply(operands: Any) -> Any:
-            params, (proj_state, rest_state), grads = operands
-            pg, new_proj = proj_tx.update(grads, proj_state, params)
-            updates, new_rest = rest_tx.update(pg, rest_state, params)
-            return optax.apply_updates(params, updates), (new_proj, new_rest), pg, updates
-
-        def skip(operands: Any) -> Any:
-            params, opt_state, grads = operands
-            # zero updates shaped, typed and sharded like the parameters they would move
-            zeros = lambda p, s: jnp.zeros_like(p, s.dtype)
-            return params, opt_state, grads, jax.tree.map(zeros, params, shapes[3])
-
-        # A non-finite step leaves params and opt state untouched. `lax.cond` (not a select of
-        # new vs old) lets XLA update the donated buffers in place: a `jnp.where(ok, new, old)`
-        # made it copy the AdamW moments every step.
-        operands = (params, opt_state, grads)
-        shapes = jax.eval_shape(apply, operands)
-        new_params, new_opt, pg, updates = jax.lax.cond(ok, apply, skip, operands)
-
+        ok, first_bad = _finite(grads, loss)
+        new_params, new_opt, pg, updates = _update_or_skip(optimizer, params, opt_state, grads, ok)
         g2, pg2 = _sq_norm(grads), _sq_norm(pg)
         metrics = {
             "loss": loss,
             "grad_norm": jnp.sqrt(g2),
             "proj_grad_norm": jnp.sqrt(pg2),
             "frac_removed": 1.0 - pg2 / jnp.maximum(g2, 1e-30),
-            "residual_max": _max_residual(pg, proj_state),
+            # what the projected gradient still has along the protected directions (about 0)
+            "residual_max": residual_max(pg, opt_state),
             "update_norm": jnp.sqrt(_sq_norm(updates)),
             "skipped": 1 - ok.astype(jnp.int32),
             "first_nonfinite_leaf": first_bad.astype(jnp.int32),
@@ -290,6 +227,12 @@ def make_ref_grad_fn(apply_fn: ApplyFn) -> Callable:
 
     Preference batches ([chosen; rejected] rows) give the NLL on chosen AND rejected, the
     reference code's DPO-stage capability loss.
+
+    Args:
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+
+    Returns:
+        The reference-gradient function of a basis refresh.
     """
 
     def f(params: Any, batch: dict) -> Any:
@@ -299,16 +242,5 @@ def make_ref_grad_fn(apply_fn: ApplyFn) -> Callable:
 
         (total, count), g = jax.value_and_grad(loss, has_aux=True)(params)
         return jax.tree.map(lambda x: x.astype(_F32), g), total, count
-
-    return f
-
-
-def make_logps_fn(apply_fn: ApplyFn, stage: StageConfig) -> Callable:
-    """``f(params, batch) -> [rows]`` sequence log-probs (per-token mean for IPO)."""
-
-    def f(params: Any, batch: dict) -> jax.Array:
-        logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
-        s, n = sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
-        return s / jnp.maximum(n, 1.0) if stage.loss_type == "ipo" else s
 
     return f

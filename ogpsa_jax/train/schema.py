@@ -1,27 +1,32 @@
-"""Training configuration: frozen kw-only dataclasses, presets, `--set` overrides, validation.
+"""The training configuration: frozen kw-only dataclasses with a comment per field, and `validate`.
 
-A preset is a function returning a `TrainConfig`; `dataclasses.replace` (or `apply_overrides`
-with dotted ``field=value`` strings) derives variants. `validate` checks types and ranges before
-any compute, so a bad value never touches the output folder.
+`TrainConfig` holds a run (one or two stages); `StageConfig` one stage (SFT or DPO) with its
+`OGPSAConfig`; `ModelConfig` the model. Presets are functions returning a `TrainConfig`
+(`ogpsa_jax.train.presets`); `dataclasses.replace`, or `ogpsa_jax.overrides.apply_overrides`
+with dotted ``field=value`` strings, derives variants. `validate` checks types, ranges, choices
+and the mesh before any compute, so a bad value never touches the output folder.
 
 Example:
-    >>> cfg = apply_overrides(preset("tiny"), ["sft.learning_rate=3e-3", "checkpoint_every=5"])
-    >>> cfg.sft.learning_rate
-    0.003
+    >>> validate(TrainConfig(sft=StageConfig(learning_rate=3e-3)), "sft", device_count=8)
+    (1, 8, 1)
+    >>> validate(TrainConfig(seed=1.5), "sft", device_count=8)
+    Traceback (most recent call last):
+    ...
+    ValueError: config field 'seed': expected <class 'int'>, got 1.5
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ogpsa_jax import overrides
+from ogpsa_jax.projection import ogpsa_matrix
 
 METHODS = ("gram_schmidt", "svd", "gradient", "activation")
 FLAT_METHODS = ("gram_schmidt", "svd")
+MATRIX_METHODS = ("gradient", "activation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,178 +182,6 @@ class TrainConfig:
     max_consecutive_skips: int = 5
 
 
-# ----------------------------------------------------------------------------- presets
-
-
-def tiny() -> TrainConfig:
-    """Tiny random decoder, tiny tokenizer, shipped data: seconds on CPU."""
-    og_sft = OGPSAConfig(k=2, method="svd", refresh_every=4, reference_rows=32)
-    og_dpo = OGPSAConfig(k=2, method="svd", refresh_every=2, reference_rows=32)
-    common = dict(max_length=96, epochs=3, schedule="cosine")
-    return TrainConfig(
-        seed=0,
-        mesh=(1, -1, 1),
-        model=ModelConfig(init="random", arch="tiny", tokenizer="tiny", scan_unroll=0),
-        sft=StageConfig(
-            data="assets:safety_sft.jsonl",
-            batch_size=8,
-            accum_steps=2,
-            learning_rate=3e-3,
-            ogpsa=og_sft,
-            **common,
-        ),
-        dpo=StageConfig(
-            data="assets:safety_prefs.jsonl",
-            batch_size=8,
-            accum_steps=2,
-            learning_rate=1e-3,
-            beta=0.2,
-            ogpsa=og_dpo,
-            **common,
-        ),
-        checkpoint_every=4,
-    )
-
-
-def smollm2() -> TrainConfig:
-    """The real SmolLM2-135M-Instruct (offline), short sequences, top 10 of 30 layers trained."""
-    og = OGPSAConfig(k=2, method="gram_schmidt", reference_rows=32, reference_batch_size=4)
-    common = dict(max_length=128, batch_size=4, accum_steps=1, max_steps=20)
-    return TrainConfig(
-        mesh=(1, -1, 1),
-        model=ModelConfig(
-            init="hf", path="smollm2", tokenizer="", dtype="bfloat16", frozen_layers=20
-        ),
-        sft=StageConfig(
-            data="assets:safety_sft.jsonl",
-            learning_rate=1e-5,
-            ogpsa=dataclasses.replace(og, refresh_every=10),
-            **common,
-        ),
-        dpo=StageConfig(
-            data="assets:safety_prefs.jsonl",
-            learning_rate=5e-6,
-            ogpsa=dataclasses.replace(og, k=1, refresh_every=5),
-            **common,
-        ),
-        checkpoint_every=10,
-    )
-
-
-def _paper(path: str) -> TrainConfig:
-    # Reference code: 8 GPUs (ZeRO-2); 4 rows/device x accumulation 4 (SFT), 2 pairs/device x
-    # accumulation 16 (DPO); lr 1e-6 cosine to 0, no warm-up; bf16; cutoff 2048. Here: FSDP over
-    # 8 devices with the same global batch; scale mesh and batch_size together on a larger pod
-    # (e.g. --set mesh=2,16,1 --set sft.batch_size=128).
-    sft_ref = ("HuggingFaceH4/ultrafeedback_binarized", "pminervini/HaluEval")
-    return TrainConfig(
-        num_devices=8,
-        mesh=(1, 8, 1),
-        model=ModelConfig(
-            init="hf", path=path, tokenizer="", dtype="bfloat16", param_dtype="float32"
-        ),
-        sft=StageConfig(
-            data="PKU-Alignment/PKU-SafeRLHF",
-            limit=10_000,
-            epochs=3,
-            batch_size=32,
-            accum_steps=4,
-            max_length=2048,
-            learning_rate=1e-6,
-            ogpsa=OGPSAConfig(k=2, reference=sft_ref, refresh_every=30, reference_batch_size=8),
-        ),
-        dpo=StageConfig(
-            data="PKU-Alignment/PKU-SafeRLHF",
-            limit=10_000,
-            epochs=1,
-            batch_size=16,
-            accum_steps=16,
-            max_length=2048,
-            learning_rate=1e-6,
-            beta=0.2,
-            label_smoothing=0.0,
-            loss_type="sigmoid",
-            ogpsa=OGPSAConfig(k=1, reference=sft_ref[:1], refresh_every=5, reference_batch_size=8),
-        ),
-        checkpoint_every=100,
-    )
-
-
-def qwen2_5_7b_paper() -> TrainConfig:
-    """Qwen2.5-7B-Instruct with the paper's settings (HF folder at ./Qwen2.5-7B-Instruct)."""
-    cfg = _paper("Qwen2.5-7B-Instruct")
-    system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, system_prompt=system))
-
-
-def llama3_1_8b_paper() -> TrainConfig:
-    """Llama-3.1-8B-Instruct with the paper's settings (HF folder at ./Llama-3.1-8B-Instruct)."""
-    return _paper("Llama-3.1-8B-Instruct")
-
-
-PRESETS: dict[str, Callable[[], TrainConfig]] = {
-    "tiny": tiny,
-    "smollm2": smollm2,
-    "qwen2_5_7b_paper": qwen2_5_7b_paper,
-    "llama3_1_8b_paper": llama3_1_8b_paper,
-}
-
-
-def preset(name: str) -> TrainConfig:
-    """Returns the named preset config.
-
-    Args:
-        name: one of `PRESETS`.
-
-    Returns:
-        The preset's `TrainConfig`.
-
-    Example:
-        >>> preset("tiny").model.arch
-        'tiny'
-    """
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown preset {name!r}{hint}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-# ----------------------------------------------------------------------------- overrides
-
-
-def field_names(cls: type | None = None, prefix: str = "") -> list[str]:
-    """All dotted field names of `TrainConfig` (or another config class)."""
-    return overrides.field_names(TrainConfig if cls is None else cls, prefix)
-
-
-def apply_overrides(config: TrainConfig, items: Sequence[str]) -> TrainConfig:
-    """Applies ``dotted.field=value`` strings (see `ogpsa_jax.overrides.apply_overrides`).
-
-    Args:
-        config: the starting config.
-        items: strings like ``"sft.ogpsa.k=4"``, ``"mesh=2,4,1"``, ``"model.dtype=bfloat16"``.
-
-    Returns:
-        The new config (not yet validated; call `validate`).
-
-    Example:
-        >>> apply_overrides(tiny(), ["sft.ogpsa.k=4"]).sft.ogpsa.k
-        4
-    """
-    return overrides.apply_overrides(config, items)
-
-
-def to_dict(config: TrainConfig) -> dict[str, Any]:
-    """JSON-ready dict of a config (tuples become lists)."""
-    return overrides.to_dict(config)
-
-
-def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:
-    """Inverse of `to_dict`; unknown keys are a ValueError."""
-    return overrides.from_dict(data, cls)
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -406,6 +239,11 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
         )
     if og.enabled and not og.reference:
         raise ValueError(f"config field '{name}.ogpsa.reference' is empty but OGPSA is enabled")
+    if og.enabled and og.method in MATRIX_METHODS:
+        try:  # the matrix transform's own rule (e.g. no conflict_only), checked before any compute
+            ogpsa_matrix(og.k, conflict_only=og.conflict_only)
+        except ValueError as e:
+            raise ValueError(f"config field '{name}.ogpsa.conflict_only': {e}") from None
 
 
 def stages_of(command: str) -> tuple[str, ...]:
@@ -433,23 +271,16 @@ def resolve_mesh_shape(config: TrainConfig, device_count: int) -> tuple[int, int
     if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
         raise ValueError(f"mesh {tuple(config.mesh)}: entries must be >= 1, with at most one -1")
     if -1 in shape:
-        rest = -int(_prod(shape))
+        rest = -math.prod(shape)
         if rest == 0 or n % rest:
             raise ValueError(f"mesh {tuple(config.mesh)} does not divide {n} devices")
         shape[shape.index(-1)] = n // rest
-    if int(_prod(shape)) != n:
+    if math.prod(shape) != n:
         raise ValueError(
-            f"mesh {tuple(shape)} has {int(_prod(shape))} devices but {n} are used "
+            f"mesh {tuple(shape)} has {math.prod(shape)} devices but {n} are used "
             f"(num_devices={config.num_devices}, visible={device_count})"
         )
     return tuple(shape)  # type: ignore[return-value]
-
-
-def _prod(xs: Sequence[int]) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int, int, int]:

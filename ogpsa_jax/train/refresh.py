@@ -1,41 +1,64 @@
-"""Refresh of the GPM activation basis (``ogpsa.method = "activation"``) in training.
+"""Basis refreshes: recompute the capability basis at the current weights, in jitted pieces.
 
-At every refresh the decoder runs on the reference batches at the current weights with its
-capture path on (`ogpsa_jax.models.capture`), ``capture_rows`` token rows in total are kept
-(spread evenly over the batches; the same positions every refresh), and
-`matrix_basis_from_activations` turns each projected weight's input rows into ``V``
-(``ogpsa.k`` columns, or fewer by GPM's ``energy`` rule). With ``ogpsa.union`` the new
-directions are added to the previous basis instead of replacing it. `inputs_like` is the glue
-between the two layers: it arranges the decoder's captured inputs like the parameter tree the
-transform sees, for the input axes and mask the transform uses.
+Every refresh returns ``(opt_state with the new basis, metrics)`` and keeps the old basis when
+anything it computed is not finite (``basis_finite=False``; the loop then skips or stops).
+
+* `make_gradient_refresh` (methods ``gram_schmidt``, ``svd``, ``gradient``): gradients of the
+  token NLL on the reference batches (``gram_schmidt``: one mean gradient per reference set, the
+  reference code; ``svd`` and ``gradient``: one per batch), then `capability_basis` (flat) or
+  `matrix_basis_from_gradients`. The gradients are checked too: Gram-Schmidt would turn a NaN
+  gradient into a finite zero direction.
+* `make_activation_refresh` (GPM, ``activation``): the decoder runs on the reference batches
+  with its capture path on (`ogpsa_jax.models.capture`), ``capture_rows`` token rows in total
+  are kept (spread evenly over the batches; the same positions every refresh), and
+  `matrix_basis_from_activations` turns each projected weight's input rows into ``V``
+  (``ogpsa.k`` columns, or fewer by GPM's ``energy`` rule). With ``ogpsa.union`` the new
+  directions are added to the previous basis instead of replacing it.
+
+`inputs_like` is the glue between the model and the projection layers: it arranges the
+decoder's captured inputs like the parameter tree the transform sees, for the input axes and
+mask the transform uses.
 
 Example:
-    >>> refresh = make_activation_refresh(graphdef, rest, og, groups)  # doctest: +SKIP
+    >>> refresh = make_refresh(  # doctest: +SKIP
+    ...     og, apply_fn=apply_fn, graphdef=graphdef, rest=rest, groups=groups,
+    ...     param_shardings=param_sh, mesh=mesh, seed=0)
     >>> opt_state, metrics = refresh(params, opt_state)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ogpsa_jax._tree import is_masked, path_str
-from ogpsa_jax.bases import matrix_basis_from_activations
+from ogpsa_jax._tree import is_masked, leaf_paths, path_str
+from ogpsa_jax.bases import (
+    capability_basis,
+    matrix_basis_from_activations,
+    matrix_basis_from_gradients,
+)
 from ogpsa_jax.models.capture import capture_inputs, stack_rows
-from ogpsa_jax.projection import resolve_dims
-from ogpsa_jax.train.config import OGPSAConfig
+from ogpsa_jax.projection import get_basis, resolve_dims, set_basis
 from ogpsa_jax.train.losses import token_nll
-from ogpsa_jax.train.step import param_mask
+from ogpsa_jax.train.optimizer import param_mask
+from ogpsa_jax.train.schema import FLAT_METHODS, OGPSAConfig
+from ogpsa_jax.train.sharding import place as place_batch
+from ogpsa_jax.train.sharding import rows_sharding
+from ogpsa_jax.train.step import ApplyFn, make_ref_grad_fn
 
-logger = logging.getLogger(__name__)
+# refresh(params, opt_state) -> (opt_state with the new basis, metrics)
+Refresh = Callable[[Any, Any], tuple[Any, dict]]
 
 
 def rows_per_batch(capture_rows: int, n_batches: int) -> int:
@@ -188,8 +211,6 @@ def make_activation_refresh(
     base_key = jax.random.key(seed)
 
     def refresh(params: Any, opt_state: Any) -> tuple[Any, dict]:
-        from ogpsa_jax.projection import get_basis, set_basis
-
         t0 = time.perf_counter()
         per_batch, nll, count = [], 0.0, 0.0
         for i, batch in enumerate(batches):
@@ -237,4 +258,134 @@ def make_activation_refresh(
     return refresh
 
 
-__all__ = ["inputs_like", "make_activation_refresh", "rows_per_batch"]
+def _finite_basis(og: OGPSAConfig, grads: list) -> tuple[Any, jax.Array, jax.Array]:
+    """(basis, all finite, per-leaf finiteness of the reference gradients)."""
+    energy = og.energy or None
+    if og.method == "gradient":
+        basis = matrix_basis_from_gradients(grads, k=og.k, energy=energy, mask=param_mask(og.mask))
+    else:
+        basis = capability_basis(grads, k=og.k, method=og.method, energy=energy)
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(basis)]))
+    grad_leaves = [jax.tree.leaves(g) for g in grads]
+    leaf_ok = jnp.stack(
+        [
+            jnp.all(jnp.stack([jnp.all(jnp.isfinite(gl[j])) for gl in grad_leaves]))
+            for j in range(len(grad_leaves[0]))
+        ]
+    )
+    return basis, ok & jnp.all(leaf_ok), leaf_ok
+
+
+def make_gradient_refresh(
+    apply_fn: ApplyFn,
+    og: OGPSAConfig,
+    groups: Sequence[Sequence[dict]],
+    param_shardings: Any,
+    mesh: jax.sharding.Mesh,
+) -> Refresh:
+    """The refresh of a basis estimated from reference gradients (flat methods, ``gradient``).
+
+    Args:
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        og: the stage's OGPSA config (``method``, ``k``, ``energy``, ``mask``).
+        groups: reference sets, each a list of host batches, all of one shape.
+        param_shardings: the parameters' shardings.
+        mesh: the training mesh.
+
+    Returns:
+        The refresh function. Its metrics: ``ref_loss`` (token-mean NLL of the reference set),
+        ``refresh_s``, ``basis_finite`` and ``nonfinite_at`` (None, or the first parameter
+        whose reference gradient is not finite, or "the reference loss").
+
+    Example:
+        >>> refresh = make_gradient_refresh(apply_fn, og, groups, param_sh, mesh)  # doctest: +SKIP
+    """
+    if og.method not in (*FLAT_METHODS, "gradient"):
+        raise ValueError(
+            f"ogpsa.method {og.method!r} is not estimated from gradients (activation bases need "
+            f"the model's layer inputs: make_activation_refresh); use gram_schmidt, svd or gradient"
+        )
+    replicated = NamedSharding(mesh, P())
+    rows_sh = rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
+    groups = [[place_batch(b, rows_sh) for b in group] for group in groups]
+    grad_jit = jax.jit(
+        make_ref_grad_fn(apply_fn),
+        in_shardings=(param_shardings, rows_sh),
+        out_shardings=(param_shardings, replicated, replicated),
+    )
+    add_jit = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+    scale_jit = jax.jit(lambda a, s: jax.tree.map(lambda x: x * s, a), donate_argnums=0)
+    basis_jit = jax.jit(partial(_finite_basis, og), out_shardings=None)
+    per_batch = og.method in ("svd", "gradient")
+
+    def reference_grads(params: Any) -> tuple[list, float, float]:
+        grads, nll, count = [], 0.0, 0.0
+        for group in groups:
+            acc, n = None, 0.0
+            for b in group:
+                g, s, c = grad_jit(params, b)
+                nll, c = nll + float(s), float(c)
+                count += c
+                if per_batch:
+                    grads.append(scale_jit(g, 1.0 / max(c, 1.0)))
+                else:
+                    acc = g if acc is None else add_jit(acc, g)
+                    n += c
+            if not per_batch:
+                grads.append(scale_jit(acc, 1.0 / max(n, 1.0)))
+        return grads, nll, count
+
+    def refresh(params: Any, opt_state: Any) -> tuple[Any, dict]:
+        t0 = time.perf_counter()
+        grads, nll, count = reference_grads(params)
+        basis, ok, leaf_ok = basis_jit(grads)
+        ok = bool(ok) and math.isfinite(nll)
+        if ok:
+            opt_state = set_basis(opt_state, basis)
+        leaf_ok = np.asarray(leaf_ok)
+        bad = "the reference loss" if leaf_ok.all() else repr(leaf_paths(params)[leaf_ok.argmin()])
+        metrics = {
+            "ref_loss": nll / max(count, 1.0),
+            "refresh_s": time.perf_counter() - t0,
+            "basis_finite": ok,
+            "nonfinite_at": None if ok else bad,
+        }
+        return opt_state, metrics
+
+    return refresh
+
+
+def make_refresh(
+    og: OGPSAConfig,
+    *,
+    apply_fn: ApplyFn,
+    graphdef: Any,
+    rest: Any,
+    groups: Sequence[Sequence[dict]],
+    param_shardings: Any,
+    mesh: jax.sharding.Mesh,
+    seed: int,
+) -> Refresh | None:
+    """The stage's refresh for its OGPSA method; None with OGPSA off.
+
+    Args:
+        og: the stage's OGPSA config.
+        apply_fn: ``(params, input_ids, attention_mask) -> logits`` (gradient methods).
+        graphdef: the decoder's graphdef (activation method).
+        rest: the non-parameter state of the decoder's split (activation method).
+        groups: reference sets, each a list of host batches, all of one shape.
+        param_shardings: the parameters' shardings.
+        mesh: the training mesh.
+        seed: the run's seed (the activation method's row draw).
+
+    Returns:
+        `make_activation_refresh` or `make_gradient_refresh` for ``og.method``, or None.
+    """
+    if not og.enabled:
+        return None
+    if og.method == "activation":  # GPM: the layers' inputs, not gradients
+        rows_sh = rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
+        return make_activation_refresh(
+            graphdef, rest, og, groups, place=lambda b: place_batch(b, rows_sh), seed=seed
+        )
+    return make_gradient_refresh(apply_fn, og, groups, param_shardings, mesh)

@@ -1,0 +1,126 @@
+"""Where training puts its arrays on the ``(data, fsdp, tensor)`` mesh.
+
+Batch rows are split over ``data`` x ``fsdp`` (replicated when they do not divide); each
+parameter-shaped optimiser-state leaf takes its parameter's sharding; host batches become
+global arrays with `place`, which is multi-host safe.
+
+Example:
+    >>> import numpy as np
+    >>> from ogpsa_jax.models import make_mesh
+    >>> mesh = make_mesh((1, 1, 1))
+    >>> shardings = batch_shardings(mesh, rows=8, ranks={"input_ids": 3, "poison": 1})
+    >>> batch = place({"input_ids": np.zeros((2, 8, 5), np.int32)}, shardings)
+    >>> batch["input_ids"].sharding.spec
+    P(None, ('data', 'fsdp'), None)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ogpsa_jax._tree import leaf_paths, path_str
+
+ROWS = ("data", "fsdp")
+
+
+def rows_sharding(mesh: jax.sharding.Mesh, rows: int, ndim: int, axis: int) -> NamedSharding:
+    """Axis ``axis`` of an ``ndim`` array with ``rows`` rows split over data x fsdp.
+
+    Args:
+        mesh: the training mesh.
+        rows: the size of that axis.
+        ndim: the array's rank.
+        axis: the rows axis.
+
+    Returns:
+        The sharding; replicated when ``rows`` does not divide by data x fsdp.
+
+    Example:
+        >>> from ogpsa_jax.models import make_mesh
+        >>> rows_sharding(make_mesh((1, 1, 1)), 4, 2, 0).spec
+        P(('data', 'fsdp'), None)
+    """
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    spec: list[Any] = [None] * ndim
+    if rows % n == 0:
+        spec[axis] = ROWS
+    return NamedSharding(mesh, P(*spec))
+
+
+def batch_shardings(
+    mesh: jax.sharding.Mesh, rows: int, ranks: Mapping[str, int]
+) -> dict[str, NamedSharding]:
+    """Shardings of a step's batch (arrays ``[A, rows, ...]``): rows over data x fsdp.
+
+    Args:
+        mesh: the training mesh.
+        rows: rows per micro-batch (axis 1).
+        ranks: name -> rank of each batch array; arrays of rank 1 (one value per micro-batch)
+            are replicated.
+
+    Returns:
+        name -> sharding.
+    """
+    replicated = NamedSharding(mesh, P())
+    return {
+        name: rows_sharding(mesh, rows, ndim, 1) if ndim >= 2 else replicated
+        for name, ndim in ranks.items()
+    }
+
+
+def place(batch: Mapping[str, np.ndarray], shardings: Any) -> dict[str, jax.Array]:
+    """Host batch -> global arrays.
+
+    Every process holds the same global batch (the iterator is deterministic) and each keeps
+    only its addressable shards, so this is multi-host safe.
+
+    Args:
+        batch: name -> host array.
+        shardings: one sharding for every array, or name -> sharding.
+
+    Returns:
+        name -> global array.
+    """
+
+    def one(x: np.ndarray, sh: NamedSharding) -> jax.Array:
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    if isinstance(shardings, NamedSharding):
+        return {k: one(v, shardings) for k, v in batch.items()}
+    return {k: one(v, shardings[k]) for k, v in batch.items()}
+
+
+def opt_shardings(abstract_opt: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Each parameter-shaped optimiser-state leaf takes its parameter's sharding; the rest
+    (counts, scalars) are replicated.
+
+    Args:
+        abstract_opt: the optimiser state's shapes (``jax.eval_shape`` of its init).
+        params: the sharded parameters.
+        mesh: the training mesh.
+
+    Returns:
+        A tree of shardings with the structure of ``abstract_opt``.
+    """
+    by_path = {
+        p: (x.shape, x.sharding)
+        for p, x in zip(leaf_paths(params), jax.tree.leaves(params), strict=True)
+    }
+    replicated = NamedSharding(mesh, P())
+
+    def one(path: Any, leaf: Any) -> Any:
+        s = path_str(path)
+        best = None
+        for p, (shape, sharding) in by_path.items():
+            if (s == p or s.endswith("/" + p)) and tuple(shape) == tuple(leaf.shape):
+                if best is None or len(p) > len(best[0]):
+                    best = (p, sharding)
+        return best[1] if best else replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt)
