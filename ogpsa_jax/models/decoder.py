@@ -22,7 +22,9 @@ import numpy as np
 from flax import nnx
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.functional import forward
+from ogpsa_jax.models.functional import forward, hidden_states
+from ogpsa_jax.models.layers import REMAT_CHOICES
+from ogpsa_jax.models.logprobs import chunked_sequence_logprobs
 from ogpsa_jax.models.sharding import param_shardings, with_auto_axes
 
 if TYPE_CHECKING:
@@ -124,6 +126,13 @@ class Decoder(nnx.Module):
             smaller working set (`benchmarks/attention.py`: forward + backward of
             SmolLM2-shaped layers at 2048 tokens 1.5x faster on a 2-core CPU). A plain
             attribute too.
+        remat: rematerialisation of each block in the backward pass: ``"none"``, ``"block"``
+            (keep only the block's input; least memory, about one more forward of compute) or
+            ``"dots"`` (also keep the outputs of its linear layers), see
+            `ogpsa_jax.models.layers.remat_policy`. Gradients are the same. A plain attribute.
+        loss_chunk: positions per chunk of the lm_head and log-softmax in `sequence_logprobs`
+            (0 = all at once): the float32 logits of only one chunk exist at a time. A plain
+            attribute.
 
     Example:
         >>> from ogpsa_jax.models import tiny_config
@@ -141,12 +150,16 @@ class Decoder(nnx.Module):
         rngs: nnx.Rngs,
         scan_unroll: int = 1,
         attention_chunk: int = -1,
+        remat: str = "none",
+        loss_chunk: int = 0,
     ):
         self.config = config
         self.dtype = dtype
         self.lora: LoRAConfig | None = None  # set by `ogpsa_jax.models.lora.add_lora`
         self.scan_unroll = check_scan_unroll(scan_unroll)
         self.attention_chunk = check_attention_chunk(attention_chunk)
+        self.remat = check_remat(remat)
+        self.loss_chunk = check_loss_chunk(loss_chunk)
         mesh = _ambient_mesh()
         d, v = config.hidden_size, config.vocab_size
         embed = 0.02 * jax.random.normal(rngs.params(), (v, d), param_dtype)
@@ -179,6 +192,30 @@ class Decoder(nnx.Module):
             out["lm_head"] = self.lm_head[...]
         return out
 
+    def _check_inputs(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, frozen_layers: int
+    ) -> jax.Array:
+        """The attention mask (all ones for None), after checking shapes and `frozen_layers`."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        if not 0 <= frozen_layers <= self.config.num_layers:
+            raise ValueError(f"frozen_layers={frozen_layers} outside [0, {self.config.num_layers}]")
+        if attention_mask is None:
+            return jnp.ones(input_ids.shape, jnp.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {attention_mask.shape} != input_ids {input_ids.shape}"
+            )
+        return attention_mask
+
+    def _run_options(self, frozen_layers: int) -> dict[str, Any]:
+        return dict(
+            frozen_layers=frozen_layers,
+            scan_unroll=check_scan_unroll(self.scan_unroll),
+            attention_chunk=check_attention_chunk(self.attention_chunk),
+            remat=check_remat(self.remat),
+        )
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -196,33 +233,62 @@ class Decoder(nnx.Module):
         Returns:
             float32 logits of shape [B, L, V].
         """
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        if not 0 <= frozen_layers <= self.config.num_layers:
-            raise ValueError(f"frozen_layers={frozen_layers} outside [0, {self.config.num_layers}]")
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {attention_mask.shape} != input_ids {input_ids.shape}"
-            )
-        unroll = check_scan_unroll(self.scan_unroll)
-        chunk = check_attention_chunk(self.attention_chunk)
+        attention_mask = self._check_inputs(input_ids, attention_mask, frozen_layers)
+        options = self._run_options(frozen_layers)
 
         def run(p: dict[str, Any], i: jax.Array, m: jax.Array) -> jax.Array:
-            return forward(
-                p,
-                self.config,
-                self.dtype,
-                i,
-                m,
-                frozen_layers=frozen_layers,
-                scan_unroll=unroll,
-                attention_chunk=chunk,
-            )
+            return forward(p, self.config, self.dtype, i, m, **options)
 
         out_shape = (*input_ids.shape, self.config.vocab_size)
         return with_auto_axes(run, out_shape, input_ids)(self.params(), input_ids, attention_mask)
+
+    def sequence_logprobs(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        loss_mask: jax.Array,
+        *,
+        frozen_layers: int = 0,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Per row, the summed log-probs of the target tokens and their count:
+        ``ogpsa_jax.models.sequence_logprobs(self(ids, mask), ids, loss_mask)``, with the
+        lm_head and log-softmax run over chunks of `loss_chunk` positions
+        (`ogpsa_jax.models.logprobs.chunked_sequence_logprobs`; 0 = all at once).
+
+        Args:
+            input_ids: int token ids, shape [B, L].
+            attention_mask: 1 for real tokens, 0 for padding; None = all real.
+            loss_mask: [B, L], 1 where input_ids is a target token.
+            frozen_layers: run the first n layers under `stop_gradient`.
+
+        Returns:
+            (sum_B, count_B): float32 [B] each.
+
+        Example:
+            >>> from ogpsa_jax.models import tiny_config
+            >>> model = Decoder(tiny_config(), rngs=nnx.Rngs(0), loss_chunk=4)
+            >>> ids = jnp.ones((2, 9), jnp.int32)
+            >>> s, n = model.sequence_logprobs(ids, None, jnp.ones_like(ids))
+            >>> s.shape, n.tolist()
+            ((2,), [8.0, 8.0])
+        """
+        attention_mask = self._check_inputs(input_ids, attention_mask, frozen_layers)
+        if loss_mask.shape != input_ids.shape:
+            raise ValueError(f"loss_mask shape {loss_mask.shape} != input_ids {input_ids.shape}")
+        options = self._run_options(frozen_layers)
+        chunk = check_loss_chunk(self.loss_chunk)
+        unroll = options["scan_unroll"] == 0
+
+        def run(p: dict[str, Any], i: jax.Array, m: jax.Array, lm: jax.Array) -> tuple:
+            h = hidden_states(p, self.config, self.dtype, i, m, **options)
+            return chunked_sequence_logprobs(
+                p, self.config, self.dtype, h, i, lm, chunk, unroll=unroll
+            )
+
+        rows = (input_ids.shape[0],)
+        return with_auto_axes(run, (rows, rows), input_ids)(
+            self.params(), input_ids, attention_mask, loss_mask
+        )
 
 
 def _check_int(name: str, value: Any, minimum: int, meaning: str) -> int:
@@ -239,6 +305,18 @@ def check_scan_unroll(value: Any) -> int:
 def check_attention_chunk(value: Any) -> int:
     """`value` if it is a valid `attention_chunk` (an int >= -1), else a ValueError naming it."""
     return _check_int("attention_chunk", value, -1, "-1 = auto, 0 = one block")
+
+
+def check_loss_chunk(value: Any) -> int:
+    """`value` if it is a valid `loss_chunk` (an int >= 0), else a ValueError naming it."""
+    return _check_int("loss_chunk", value, 0, "0 = all positions at once")
+
+
+def check_remat(value: Any) -> str:
+    """`value` if it is a valid `remat` setting (`REMAT_CHOICES`), else a ValueError naming it."""
+    if value not in REMAT_CHOICES:
+        raise ValueError(f"remat must be one of {list(REMAT_CHOICES)}, got {value!r}")
+    return value
 
 
 def init_random(

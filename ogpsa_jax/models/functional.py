@@ -29,7 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.layers import attention_chunk_rows, block, rms_norm, rope_tables
+from ogpsa_jax.models.layers import (
+    attention_chunk_rows,
+    block,
+    remat_policy,
+    rms_norm,
+    rope_tables,
+)
+from ogpsa_jax.models.sharding import constrain_batch
 
 Caches = tuple[jax.Array, jax.Array]  # (k, v), each [num_layers, B, kv_heads, T, head_dim]
 
@@ -61,7 +68,9 @@ def _prepare(
     n, t = input_ids_BxL.shape[1], kv_valid_BxT.shape[1]
     slots_L = first_slot + jnp.arange(n)
     mask_BxLxT = (slots_L[:, None] >= jnp.arange(t)[None, :])[None] & kv_valid_BxT[:, None, :]
-    h_BxLxD = params["embed_tokens"].astype(dtype)[input_ids_BxL]
+    # The lookup's output would take the table's split (hidden over fsdp); every activation
+    # after it follows the batch split of the ids instead.
+    h_BxLxD = constrain_batch(params["embed_tokens"].astype(dtype)[input_ids_BxL])
     return h_BxLxD, rope_tables(config, positions_BxL), mask_BxLxT
 
 
@@ -78,8 +87,10 @@ def _scan(
     unroll: int = 1,
     chunk: int = 0,
     tap: Callable[[dict[str, jax.Array]], Any] | None = None,
+    remat: str = "none",
 ) -> tuple[jax.Array, Caches | None, Any]:
-    """`block` scanned over the stacked layers: (h, caches, tap's outputs stacked per layer)."""
+    """`block` scanned over the stacked layers: (h, caches, tap's outputs stacked per layer);
+    with `remat`, each block is rematerialised in the backward pass (`remat_policy`)."""
 
     def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
         p, cache = xs
@@ -97,6 +108,9 @@ def _scan(
         )
         return h, (cache, None if tap is None else tap(taps))
 
+    policy = remat_policy(remat)
+    if remat != "none":  # the scan already keeps XLA from merging the recomputation away
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     h, (caches, tapped) = jax.lax.scan(
         body, h_BxLxD, (layers, caches), unroll=True if unroll == 0 else unroll
     )
@@ -113,6 +127,7 @@ def _full_sequence(
     frozen_layers: int = 0,
     scan_unroll: int = 1,
     attention_chunk: int = -1,
+    remat: str = "none",
     tap: Callable[[dict[str, jax.Array]], Any] | None = None,
 ) -> tuple[jax.Array, Any]:
     """Final-norm hidden states of whole sequences, and the tap's per-layer outputs."""
@@ -122,7 +137,7 @@ def _full_sequence(
         params, config, dtype, input_ids, positions_BxL, valid_BxL, 0
     )
     chunk = attention_chunk_rows(input_ids.shape[1], attention_chunk)
-    run = dict(unroll=scan_unroll, chunk=chunk, tap=tap)
+    run = dict(unroll=scan_unroll, chunk=chunk, tap=tap, remat=remat)
     layers, tapped = params["layers"], []
     if frozen_layers > 0:
         frozen = jax.tree.map(lambda a: a[:frozen_layers], layers)
@@ -148,6 +163,7 @@ def forward(
     frozen_layers: int = 0,
     scan_unroll: int = 1,
     attention_chunk: int = -1,
+    remat: str = "none",
 ) -> jax.Array:
     """Full-sequence forward on a parameter dict (see `Decoder.params`); float32 logits.
 
@@ -160,6 +176,7 @@ def forward(
         frozen_layers: bottom layers run under `stop_gradient`.
         scan_unroll: the layer scan's unroll (see `Decoder`).
         attention_chunk: causal attention block rows (see `Decoder`).
+        remat: rematerialisation of the blocks in the backward pass (see `Decoder`).
 
     Returns:
         float32 logits [B, L, vocab_size] (example: see the module docstring).
@@ -173,6 +190,7 @@ def forward(
         frozen_layers=frozen_layers,
         scan_unroll=scan_unroll,
         attention_chunk=attention_chunk,
+        remat=remat,
     )
     return head_logits(params, config, dtype, h)
 
@@ -184,6 +202,10 @@ def hidden_states(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     attention_chunk: int = -1,
+    *,
+    frozen_layers: int = 0,
+    scan_unroll: int = 1,
+    remat: str = "none",
 ) -> jax.Array:
     """Final-norm hidden states [B, L, D] (in `dtype`) of a full-sequence forward.
 
@@ -197,6 +219,9 @@ def hidden_states(
         input_ids: [B, L] token ids.
         attention_mask: [B, L], 1 for real tokens (left or right padding).
         attention_chunk: causal attention block rows (see `Decoder`).
+        frozen_layers: bottom layers run under `stop_gradient`.
+        scan_unroll: the layer scan's unroll (see `Decoder`).
+        remat: rematerialisation of the blocks in the backward pass (see `Decoder`).
 
     Returns:
         [B, L, hidden_size] array of dtype `dtype`.
@@ -210,7 +235,15 @@ def hidden_states(
         (2, 1, 97)
     """
     h, _ = _full_sequence(
-        params, config, dtype, input_ids, attention_mask, attention_chunk=attention_chunk
+        params,
+        config,
+        dtype,
+        input_ids,
+        attention_mask,
+        frozen_layers=frozen_layers,
+        scan_unroll=scan_unroll,
+        attention_chunk=attention_chunk,
+        remat=remat,
     )
     return h
 
@@ -324,7 +357,7 @@ def prefill(
         params, config, dtype, input_ids, token_positions(valid_BxP), kv_valid_BxT, 0
     )
     shape = (config.num_layers, b, config.num_kv_heads, cache_length, config.head_dim)
-    caches = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    caches = tuple(constrain_batch(jnp.zeros(shape, dtype), axis=1) for _ in range(2))
     _, caches, _ = _scan(params["layers"], h, rope_BxPxE, mask_BxPxT, config, dtype, caches=caches)
     return caches
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from ogpsa_jax.models.config import DecoderConfig
 from ogpsa_jax.models.decoder import Decoder
 from ogpsa_jax.models.functional import forward_with_cache, token_positions
-from ogpsa_jax.models.sharding import with_auto_axes
+from ogpsa_jax.models.sharding import constrain_batch, with_auto_axes
 
 
 def _sample(logits_BxV: jax.Array, greedy: bool, temperature, top_p, key) -> jax.Array:
@@ -75,7 +75,8 @@ def _generate_loop(
     b, p = input_ids.shape
     t = p + max_new_tokens
     shape = (config.num_layers, b, config.num_kv_heads, t, config.head_dim)
-    caches = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    # the caches (and every activation) split over the batch like the embedded prompts
+    caches = tuple(constrain_batch(jnp.zeros(shape, dtype), axis=1) for _ in range(2))
     valid_BxP = attention_mask.astype(bool)
     kv_valid_BxT = jnp.concatenate([valid_BxP, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     n_real_B = jnp.sum(valid_BxP, axis=1, dtype=jnp.int32)

@@ -30,6 +30,8 @@ NEG_INF = -1e30  # finite mask value: fully padded rows give a uniform softmax, 
 # The block's intermediates returned with ``capture=True``: the [N, d_in] inputs of its linear
 # layers (the rows ``x`` of ``y = x @ W``).
 BLOCK_TAPS = ("attn_in", "o_in", "mlp_in", "down_in")
+# Rematerialisation of the layer scan's block in the backward pass (`remat_policy`).
+REMAT_CHOICES = ("none", "block", "dots")
 
 
 def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
@@ -161,6 +163,29 @@ def attention_chunk_rows(length: int, setting: int = -1) -> int:
     return 0 if rows >= length else rows
 
 
+def remat_policy(remat: str) -> Any:
+    """The `jax.checkpoint` policy of a `remat` setting (None for ``"none"``: no remat).
+
+    ``"block"`` keeps only each block's input for the backward pass and recomputes the block
+    (least memory: one [B, L, D] residual per layer; about one more forward pass of compute);
+    ``"dots"`` also keeps the outputs of the block's linear layers (matmuls without batch
+    dimensions: `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) and recomputes the
+    attention and the element-wise work in between.
+
+    Example:
+        >>> remat_policy("none") is None, remat_policy("block") is not None
+        (True, True)
+    """
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"remat must be one of {list(REMAT_CHOICES)}, got {remat!r}")
+    policies = {
+        "none": None,
+        "block": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    return policies[remat]
+
+
 def block(
     p: dict[str, jax.Array],
     h_BxLxD: jax.Array,
@@ -258,10 +283,12 @@ def block(
 __all__ = [
     "BLOCK_TAPS",
     "NEG_INF",
+    "REMAT_CHOICES",
     "attend",
     "attention_chunk_rows",
     "block",
     "linear",
+    "remat_policy",
     "rms_norm",
     "rope",
     "rope_inv_freq",

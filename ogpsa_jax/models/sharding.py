@@ -3,6 +3,7 @@ the GSPMD wrapper its entry points run under on meshes with Explicit axes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,20 +108,66 @@ def param_shardings(model_or_state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def with_auto_axes(fn: Any, out_shape: tuple[int, ...], batch_like: Any = None) -> Any:
+def batch_axes(rows: int, mesh_shape: dict[str, int]) -> tuple[str, ...] | None:
+    """The mesh axes a batch of ``rows`` rows is split over: ``data`` x ``fsdp``, else
+    ``fsdp``, else ``data`` (the first of them that divides ``rows``), else None (replicated).
+
+    Example:
+        >>> mesh_shape = {"data": 2, "fsdp": 4, "tensor": 1}
+        >>> batch_axes(8, mesh_shape), batch_axes(4, mesh_shape), batch_axes(3, mesh_shape)
+        (('data', 'fsdp'), ('fsdp',), None)
+    """
+    for axes in (("data", "fsdp"), ("fsdp",), ("data",)):
+        sizes = [mesh_shape.get(a, 1) for a in axes]
+        if math.prod(sizes) > 1 and rows % math.prod(sizes) == 0:
+            return tuple(a for a, s in zip(axes, sizes, strict=True) if s > 1)
+    return None
+
+
+def constrain_batch(x: jax.Array, axis: int = 0) -> jax.Array:
+    """``x`` with its batch axis split like a batch (`batch_axes`) and its other axes
+    replicated, under the ambient mesh (Auto axes: a sharding constraint; Explicit: a
+    reshard); ``x`` unchanged without a mesh.
+
+    The decoder's entry points apply it to the embedded tokens, whose sharding would otherwise
+    follow the embedding table's (hidden axis over ``fsdp``), so that every activation after
+    it carries the whole global batch on every device.
+
+    Args:
+        x: an activation.
+        axis: its batch axis.
+
+    Returns:
+        ``x``, constrained.
+
+    Example:
+        >>> constrain_batch(jax.numpy.zeros((4, 3))).shape  # no mesh: x unchanged
+        (4, 3)
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec: list[Any] = [None] * x.ndim
+    spec[axis] = batch_axes(x.shape[axis], dict(mesh.shape))
+    if mesh.are_all_axes_explicit:
+        return jax.sharding.reshard(x, PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def with_auto_axes(fn: Any, out_shape: Any, batch_like: Any = None) -> Any:
     """Runs `fn` with GSPMD propagation when the ambient mesh has Explicit axes.
 
     The decoder's matmuls contract sharded dimensions, which Explicit-axis typing refuses
-    without per-op output shardings; inside `auto_axes` XLA chooses them. The result's leading
+    without per-op output shardings; inside `auto_axes` XLA chooses them. The results' leading
     (batch) axis is sharded like `batch_like`'s leading axis when that one is sharded (a
     training batch split over `data` and `fsdp` gives logits split the same way, so the loss's
-    gather by token id needs no collective), else over `data` (replicated where `data` does not
-    divide the batch).
+    gather by token id needs no collective), else like a batch (`batch_axes`; replicated where
+    the mesh does not divide the batch).
 
     Args:
-        fn: the function to wrap (returns one array of `out_shape`).
-        out_shape: shape of `fn`'s result.
-        batch_like: an input whose leading-axis sharding the result should share.
+        fn: the function to wrap.
+        out_shape: the shape of `fn`'s one result, or a tuple of shapes when it returns a tuple.
+        batch_like: an input whose leading-axis sharding the results should share.
 
     Returns:
         `fn` itself without an Explicit ambient mesh, else `fn` under `jax.sharding.auto_axes`.
@@ -132,9 +179,15 @@ def with_auto_axes(fn: Any, out_shape: tuple[int, ...], batch_like: Any = None) 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or AxisType.Explicit not in mesh.axis_types:
         return fn
-    spec = fit_spec(("data",) + (None,) * (len(out_shape) - 1), out_shape, dict(mesh.shape))
+    several = bool(out_shape) and not isinstance(out_shape[0], int | np.integer)
+    shapes = list(out_shape) if several else [out_shape]
+    lead = None
     if batch_like is not None:
         batch_spec = getattr(jax.typeof(batch_like).sharding, "spec", None)
         if batch_spec and batch_spec[0] is not None:
-            spec = PartitionSpec(batch_spec[0], *([None] * (len(out_shape) - 1)))
-    return jax.sharding.auto_axes(fn, out_sharding=spec)
+            lead = batch_spec[0]
+    specs = []
+    for shape in shapes:
+        axes = lead if lead is not None else batch_axes(shape[0], dict(mesh.shape))
+        specs.append(PartitionSpec(axes, *([None] * (len(shape) - 1))))
+    return jax.sharding.auto_axes(fn, out_sharding=tuple(specs) if several else specs[0])
