@@ -73,7 +73,12 @@ sys.path.insert(0, ROOT)
 from ogpsa_jax import capability_basis, set_basis  # noqa: E402
 from ogpsa_jax.models import DecoderConfig, init_random, smollm2_135m_config, tiny_config  # noqa: E402
 from ogpsa_jax.train import OGPSAConfig, StageConfig, make_optimizer, make_train_step  # noqa: E402
-from ogpsa_jax.train.step import dpo_micro_loss, make_ref_grad_fn, sft_micro_loss  # noqa: E402
+from ogpsa_jax.train.step import (  # noqa: E402
+    dpo_micro_loss,
+    logits_logps,
+    make_ref_grad_fn,
+    sft_micro_loss,
+)
 
 logger = logging.getLogger("benchmarks.train_step")
 
@@ -215,7 +220,8 @@ class StepBench:
         self.kind = kind
         stage0 = stage_config(kind, 0, shape=shape)
         rest_tx = make_optimizer(stage0, total_steps=1000).rest  # clip + AdamW
-        micro = sft_micro_loss(apply_fn) if kind == "sft" else dpo_micro_loss(apply_fn, stage0)
+        logps = logits_logps(apply_fn)
+        micro = sft_micro_loss(logps) if kind == "sft" else dpo_micro_loss(logps, stage0)
         self.params = params
         self.rest_state = jax.jit(rest_tx.init)(params)
         self.steps, self.proj_states, self.optimizers = {}, {}, {}
@@ -400,7 +406,7 @@ def _short(res: dict) -> dict:
 def bench_refresh(name: str, params: Any, apply_fn: Any, cfg: DecoderConfig) -> dict:
     """Item 2: reference gradient per micro-batch, basis computation per k / method."""
     out: dict[str, Any] = {}
-    grad_fn = jax.jit(make_ref_grad_fn(apply_fn))
+    grad_fn = jax.jit(make_ref_grad_fn(logits_logps(apply_fn)))
     ref_rows, length = 4, SHAPES["sft"][1]
     b = make_batch(cfg.vocab_size, ref_rows, length, 1, dpo=False, seed=2)
     b = {k: v[0] for k, v in b.items()}
@@ -600,7 +606,7 @@ def gpu_residual_check(params: Any, apply_fn: Any, cfg: DecoderConfig) -> dict:
     """
     from ogpsa_jax import project
 
-    grad_fn = jax.jit(make_ref_grad_fn(apply_fn))
+    grad_fn = jax.jit(make_ref_grad_fn(logits_logps(apply_fn)))
     batches = [
         {k: v[0] for k, v in make_batch(cfg.vocab_size, 4, 256, 1, dpo=False, seed=s).items()}
         for s in (10, 11, 12)

@@ -46,6 +46,7 @@ from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.metrics import MetricsLog, read_metrics
 from ogpsa_jax.train.refresh import make_gradient_refresh
 from ogpsa_jax.train.run_dir import prepare_output_dir
+from ogpsa_jax.train.step import logits_logps
 
 F32 = jnp.float32
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
@@ -151,7 +152,7 @@ def _toy_refresh_setup():
 def test_nonfinite_reference_gradients_never_reach_the_basis():
     mesh, params, param_sh, apply_fn, groups = _toy_refresh_setup()
     og = OGPSAConfig(method="gram_schmidt", k=2)
-    refresh = make_gradient_refresh(apply_fn, og, groups, param_sh, mesh)
+    refresh = make_gradient_refresh(logits_logps(apply_fn), og, groups, param_sh, mesh)
     proj, rest = ogpsa(2), optax.sgd(0.1)
     opt0 = (proj.init(params), rest.init(params))
     opt1, m1 = refresh(params, opt0)

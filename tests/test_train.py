@@ -43,7 +43,7 @@ from ogpsa_jax.train import (
 from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.losses import token_nll
 from ogpsa_jax.train.metrics import read_metrics
-from ogpsa_jax.train.step import dpo_micro_loss, sft_micro_loss
+from ogpsa_jax.train.step import dpo_micro_loss, logits_logps, sft_micro_loss
 
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
 
@@ -212,7 +212,7 @@ def test_sgd_update_is_orthogonal_to_basis_and_nan_is_skipped():
 
     basis = make_basis(params)
     opt_state = set_basis(opt.init(params), basis)
-    step = jax.jit(make_train_step(sft_micro_loss(apply_fn), opt))
+    step = jax.jit(make_train_step(sft_micro_loss(logits_logps(apply_fn)), opt))
     new, new_opt, m = step(params, opt_state, batch, None)
     # The naive step: the same program with the initial all-zero basis (projects nothing).
     plain, _, _ = step(params, opt.init(params), batch, None)
@@ -242,7 +242,7 @@ def test_sgd_update_is_orthogonal_to_basis_and_nan_is_skipped():
     assert worst_naive > 1e-3 * nnorm, worst_naive
     # A NaN-poisoned step (the same step with `ogpsa_jax.testing`'s poisoning loss) changes
     # nothing and names the first bad leaf.
-    poisoned = jax.jit(make_train_step(poisoning_loss(sft_micro_loss(apply_fn)), opt))
+    poisoned = jax.jit(make_train_step(poisoning_loss(sft_micro_loss(logits_logps(apply_fn))), opt))
     same, same_opt, m2 = poisoned(new, new_opt, with_poison(batch, np.nan), None)
     assert int(m2["skipped"]) == 1 and int(m2["first_nonfinite_leaf"]) == 0
     chex.assert_trees_all_equal(same, new)
@@ -288,7 +288,7 @@ def test_users_own_loop_with_the_public_alias_equals_the_cli_step():
     opt = make_optimizer(stage, total_steps=10)
     cli_state = og.set_basis(opt.init(params), basis)
     assert jax.tree.structure(cli_state) == jax.tree.structure(user_state)
-    step = jax.jit(make_train_step(sft_micro_loss(apply_fn), opt))
+    step = jax.jit(make_train_step(sft_micro_loss(logits_logps(apply_fn)), opt))
     cli_params, cli_state, m = step(params, cli_state, batch, None)
     assert int(m["skipped"]) == 0 and 0 < float(m["frac_removed"]) < 1
     # Same math; the accumulation runs in a lax.scan in the step and unrolled here, so float32
@@ -401,8 +401,8 @@ def test_sharded_train_steps_lower_for_gpu_and_tpu(platform, axis_type):
         opt_state = jax.jit(opt.init)(params)
         n_donated = len(jax.tree.leaves((params, opt_state)))
         for loss, batch in (
-            (sft_micro_loss(apply_fn), sft_batch),
-            (dpo_micro_loss(apply_fn, stage), dpo_batch),
+            (sft_micro_loss(logits_logps(apply_fn)), sft_batch),
+            (dpo_micro_loss(logits_logps(apply_fn), stage), dpo_batch),
         ):
             step = jax.jit(make_train_step(loss, opt), donate_argnums=(0, 1))
             exported = jax.export.export(step, platforms=[platform])(params, opt_state, batch, None)

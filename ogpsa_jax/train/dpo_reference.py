@@ -6,7 +6,7 @@ order and after a resume, finds its rows' values (`attach_ref_logps`). The alter
 ``dpo_reference=model``, keeps a frozen copy of the weights and runs it inside the step.
 
 Example:
-    >>> table = reference_logps_table(apply_fn, params, pairs, stage, pad_id,  # doctest: +SKIP
+    >>> table = reference_logps_table(logps_fn, params, pairs, stage, pad_id,  # doctest: +SKIP
     ...     mesh=mesh, param_shardings=param_sh)
     >>> batch = attach_ref_logps(batches.next_step(2), table)  # doctest: +SKIP
 """
@@ -24,7 +24,7 @@ import numpy as np
 from ogpsa_jax.data import EncodedPair, pad_batch
 from ogpsa_jax.train.schema import StageConfig
 from ogpsa_jax.train.sharding import place, rows_sharding
-from ogpsa_jax.train.step import ApplyFn, make_logps_fn
+from ogpsa_jax.train.step import LogpsFn, make_logps_fn
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,27 @@ def row_key(batch: dict[str, np.ndarray], r: int) -> bytes:
     return batch["input_ids"][r, :n].tobytes() + batch["loss_mask"][r, :n].astype(np.int8).tobytes()
 
 
+def reference_logps_program(
+    logps_fn: LogpsFn, stage: StageConfig, mesh: jax.sharding.Mesh, param_shardings: Any
+) -> Any:
+    """The jitted reference pass: ``(params, batch of 2 * batch_size rows) -> log-probs [rows]``
+    with the rows split over data x fsdp (memory planning compiles the same program).
+
+    Args:
+        logps_fn: the model's `LogpsFn`.
+        stage: the DPO stage config (``batch_size``, ``loss_type``).
+        mesh: the training mesh.
+        param_shardings: the shardings of the reference weights.
+
+    Returns:
+        The jitted function.
+    """
+    rows_sh = rows_sharding(mesh, 2 * stage.batch_size, 2, 0)
+    return jax.jit(make_logps_fn(logps_fn, stage), in_shardings=(param_shardings, rows_sh))
+
+
 def reference_logps_table(
-    apply_fn: ApplyFn,
+    logps_fn: LogpsFn,
     params: Any,
     pairs: Sequence[EncodedPair],
     stage: StageConfig,
@@ -48,7 +67,7 @@ def reference_logps_table(
     """Reference log-probs of every chosen and rejected row, at ``params``.
 
     Args:
-        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        logps_fn: the model's `LogpsFn`.
         params: the reference weights (the stage's starting weights).
         pairs: the stage's encoded preference pairs.
         stage: the DPO stage config (``batch_size``, ``max_length``, ``loss_type``).
@@ -62,7 +81,7 @@ def reference_logps_table(
     t0 = time.time()
     rows = 2 * stage.batch_size
     rows_sh = rows_sharding(mesh, rows, 2, 0)
-    logps_jit = jax.jit(make_logps_fn(apply_fn, stage), in_shardings=(param_shardings, rows_sh))
+    logps_jit = reference_logps_program(logps_fn, stage, mesh, param_shardings)
     table: dict[bytes, float] = {}
     bs = stage.batch_size
     for start in range(0, len(pairs), bs):

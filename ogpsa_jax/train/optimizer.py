@@ -181,7 +181,9 @@ def make_optimizer(stage: StageConfig, total_steps: int) -> Optimizer:
     if not og.enabled:
         return Optimizer.chain(None, *rest_parts)
     mask = param_mask(og.mask)
-    common = dict(strength=og.strength, conflict_only=og.conflict_only, mask=mask)
+    common = dict(
+        strength=og.strength, conflict_only=og.conflict_only, mask=mask, basis_dtype=og.basis_dtype
+    )
     flat = og.method in FLAT_METHODS
     projection = ogpsa(og.k, **common) if flat else ogpsa_matrix(og.k, **common)
     if stage.optimizer == "sgd":

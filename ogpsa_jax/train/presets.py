@@ -83,12 +83,21 @@ def _paper(path: str) -> TrainConfig:
     # accumulation 16 (DPO); lr 1e-6 cosine to 0, no warm-up; bf16; cutoff 2048. Here: FSDP over
     # 8 devices with the same global batch; scale mesh and batch_size together on a larger pod
     # (e.g. --set mesh=2,16,1 --set sft.batch_size=128).
+    # Memory (`ogpsa plan`, docs/benchmarks.md): at 4 rows x 2048 tokens per device the
+    # activations of a 7-8B model need every layer rematerialised ("block") and the lm_head's
+    # float32 logits taken 512 positions at a time; the step then fits an 80 GB device.
     sft_ref = ("HuggingFaceH4/ultrafeedback_binarized", "pminervini/HaluEval")
     return TrainConfig(
         num_devices=8,
         mesh=(1, 8, 1),
         model=ModelConfig(
-            init="hf", path=path, tokenizer="", dtype="bfloat16", param_dtype="float32"
+            init="hf",
+            path=path,
+            tokenizer="",
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="block",
+            loss_chunk=512,
         ),
         sft=StageConfig(
             data="PKU-Alignment/PKU-SafeRLHF",

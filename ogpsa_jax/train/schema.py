@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ogpsa_jax import overrides
+from ogpsa_jax.models.layers import REMAT_CHOICES
 from ogpsa_jax.projection import ogpsa_matrix
 
 METHODS = ("gram_schmidt", "svd", "gradient", "activation")
@@ -53,6 +54,13 @@ class ModelConfig:
     # Query rows per block of the causal attention: -1 = auto (64, or length / 16 beyond 1024
     # tokens), 0 = one L x L block. Blocks skip the masked upper triangle (same result).
     attention_chunk: int = -1
+    # Rematerialisation of each layer in the backward pass: "none", "block" (keep only the
+    # layer's input; least memory, about one more forward pass of compute) or "dots" (also
+    # keep the outputs of its linear layers). Same gradients.
+    remat: str = "none"
+    # Positions per chunk of the lm_head + log-softmax in the losses (0 = all at once): the
+    # float32 logits of only one chunk [rows, loss_chunk, vocab] exist at a time.
+    loss_chunk: int = 0
     # Optional system prompt put in every rendered conversation ("" = the template's default).
     system_prompt: str = ""
 
@@ -87,6 +95,9 @@ class OGPSAConfig:
     # activation only: token rows (layer-input samples) drawn over the whole reference set,
     # spread evenly over its batches; bounds the refresh's memory (rows x d_in per layer).
     capture_rows: int = 512
+    # Storage dtype of the basis: "float32" or "bfloat16" (half the bytes; the coefficients
+    # and the subtraction stay float32).
+    basis_dtype: str = "float32"
     # activation only: keep the previous basis and add the new input directions to it (GPM's
     # accumulation) instead of replacing it; needs energy > 0 to leave room for new directions.
     union: bool = False
@@ -223,6 +234,7 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
         )
     og = st.ogpsa
     _choice(f"{name}.ogpsa.method", og.method, METHODS)
+    _choice(f"{name}.ogpsa.basis_dtype", og.basis_dtype, ("float32", "bfloat16"))
     if og.k < 1:
         raise ValueError(f"config field '{name}.ogpsa.k' must be >= 1, got {og.k}")
     if not 0.0 <= og.strength <= 1.0:
@@ -321,6 +333,12 @@ def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int,
         raise ValueError(
             f"config field 'model.attention_chunk' must be >= -1 (-1 = auto, 0 = one block), "
             f"got {config.model.attention_chunk}"
+        )
+    _choice("model.remat", config.model.remat, REMAT_CHOICES)
+    if config.model.loss_chunk < 0:
+        raise ValueError(
+            f"config field 'model.loss_chunk' must be >= 0 (0 = all positions at once), "
+            f"got {config.model.loss_chunk}"
         )
     if config.checkpoint_every < 0:
         raise ValueError(

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,13 @@ from ogpsa_jax.train.optimizer import Optimizer, make_optimizer, make_schedule
 from ogpsa_jax.train.refresh import Refresh, make_refresh
 from ogpsa_jax.train.schema import StageConfig, TrainConfig
 from ogpsa_jax.train.sharding import batch_shardings, opt_shardings
-from ogpsa_jax.train.step import dpo_micro_loss, make_train_step, sft_micro_loss
+from ogpsa_jax.train.step import (
+    LogpsFn,
+    MicroLoss,
+    dpo_micro_loss,
+    make_train_step,
+    sft_micro_loss,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +126,8 @@ def _make_model(config: TrainConfig, inputs: Inputs, mesh: Any, init_path: str |
     # How the forward runs (not what it computes): plain attributes of the decoder.
     model.scan_unroll = config.model.scan_unroll
     model.attention_chunk = config.model.attention_chunk
+    model.remat = config.model.remat
+    model.loss_chunk = config.model.loss_chunk
     return model
 
 
@@ -129,18 +137,54 @@ def _init_opt_state(optimizer: Optimizer, params: Any, mesh: Any) -> tuple[Any, 
     return jax.jit(optimizer.init, out_shardings=opt_sh)(params), opt_sh
 
 
-def _loss_and_reference(
-    kind: str, st: StageConfig, apply_fn: Any, params: Any, inputs: Inputs, mesh: Any
-) -> tuple[Any, Any, dict[bytes, float] | None]:
-    """The micro-batch loss and, for DPO, its reference: frozen weights or a log-prob table."""
+def model_logps(graphdef: Any, rest: Any, frozen_layers: int) -> LogpsFn:
+    """The stage's `LogpsFn`: the decoder's `sequence_logprobs` (lm_head in chunks of
+    ``model.loss_chunk`` positions), with the bottom ``frozen_layers`` layers frozen.
+
+    Args:
+        graphdef: the decoder's graphdef (`nnx.split(model, nnx.Param, ...)`).
+        rest: the non-parameter state of that split.
+        frozen_layers: ``model.frozen_layers``.
+
+    Returns:
+        ``(params, input_ids, attention_mask, loss_mask) -> (sum_B, count_B)``.
+    """
+
+    def logps_fn(p: Any, ids: jax.Array, attn: jax.Array, loss_mask: jax.Array) -> Any:
+        model = nnx.merge(graphdef, p, rest)
+        return model.sequence_logprobs(ids, attn, loss_mask, frozen_layers=frozen_layers)
+
+    return logps_fn
+
+
+def make_micro_loss(kind: str, st: StageConfig, logps_fn: LogpsFn) -> MicroLoss:
+    """The stage's micro-batch loss: SFT's token NLL or DPO's pair loss."""
+    return sft_micro_loss(logps_fn) if kind == "sft" else dpo_micro_loss(logps_fn, st)
+
+
+def step_batch_shardings(
+    kind: str, st: StageConfig, mesh: Any, *, ref_table: bool, extra: Sequence[str] = ()
+) -> dict[str, NamedSharding]:
+    """The shardings of a step's batch: [A, rows, L] token arrays, [A, rows] precomputed DPO
+    reference log-probs (``ref_table``), [A] extra inputs (the test hooks')."""
+    ranks = {"input_ids": 3, "attention_mask": 3, "loss_mask": 3}
+    ranks.update({"ref_logps": 2} if ref_table else {})
+    ranks.update({name: 1 for name in extra})
+    rows = st.batch_size * (2 if kind == "dpo" else 1)
+    return batch_shardings(mesh, rows, ranks)
+
+
+def _reference(
+    kind: str, st: StageConfig, logps_fn: LogpsFn, params: Any, inputs: Inputs, mesh: Any
+) -> tuple[Any, dict[bytes, float] | None]:
+    """The DPO reference: frozen weights or a log-prob table (neither for SFT)."""
     if kind == "sft":
-        return sft_micro_loss(apply_fn), None, None
-    micro_loss = dpo_micro_loss(apply_fn, st)
+        return None, None
     if st.dpo_reference == "model":
-        return micro_loss, jax.tree.map(jnp.copy, params), None
+        return jax.tree.map(jnp.copy, params), None
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     table = reference_logps_table(
-        apply_fn,
+        logps_fn,
         params,
         inputs.encoded[kind],
         st,
@@ -148,11 +192,11 @@ def _loss_and_reference(
         mesh=mesh,
         param_shardings=param_sh,
     )
-    return micro_loss, None, table
+    return None, table
 
 
-def _jit_step(
-    micro_loss: Any,
+def jit_step(
+    micro_loss: MicroLoss,
     optimizer: Optimizer,
     mesh: Any,
     batch_sh: dict[str, NamedSharding],
@@ -160,7 +204,8 @@ def _jit_step(
     opt_sh: Any,
     with_ref_params: bool,
 ) -> Callable:
-    """The train step jitted with explicit shardings, (params, opt_state) donated."""
+    """The train step jitted with explicit shardings, (params, opt_state) donated (memory
+    planning compiles the same program: `ogpsa_jax.train.plan`)."""
     replicated = NamedSharding(mesh, P())
     return jax.jit(
         make_train_step(micro_loss, optimizer),
@@ -200,23 +245,16 @@ def build_stage(
     model = _make_model(config, inputs, mesh, init_path)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
-    frozen = config.model.frozen_layers
-
-    def apply_fn(p: Any, ids: jax.Array, attn: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, p, rest)(ids, attn, frozen_layers=frozen)
-
+    logps_fn = model_logps(graphdef, rest, config.model.frozen_layers)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     optimizer = make_optimizer(st, total)
     opt_state, opt_sh = _init_opt_state(optimizer, params, mesh)
-    micro_loss, ref_params, table = _loss_and_reference(kind, st, apply_fn, params, inputs, mesh)
-    # [A, rows, L] token arrays, [A, rows] reference log-probs, [A] extra inputs of the hooks
-    ranks = {"input_ids": 3, "attention_mask": 3, "loss_mask": 3}
-    ranks.update({"ref_logps": 2} if table is not None else {})
-    ranks.update({name: 1 for name in hooks.extra_inputs(0)})
-    rows = st.batch_size * (2 if kind == "dpo" else 1)
-    batch_shs = batch_shardings(mesh, rows, ranks)
-    step_fn = _jit_step(
-        hooks.wrap_loss(micro_loss),
+    ref_params, table = _reference(kind, st, logps_fn, params, inputs, mesh)
+    batch_shs = step_batch_shardings(
+        kind, st, mesh, ref_table=table is not None, extra=list(hooks.extra_inputs(0))
+    )
+    step_fn = jit_step(
+        hooks.wrap_loss(make_micro_loss(kind, st, logps_fn)),
         optimizer,
         mesh,
         batch_shs,
@@ -226,7 +264,7 @@ def build_stage(
     )
     refresh = make_refresh(
         st.ogpsa,
-        apply_fn=apply_fn,
+        logps_fn=logps_fn,
         graphdef=graphdef,
         rest=rest,
         groups=inputs.ref_groups.get(kind, []),
