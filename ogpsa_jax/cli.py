@@ -2,6 +2,9 @@
 
     ogpsa train {sft,dpo,sft-dpo} --preset NAME --output-dir DIR [--max-steps N]
                 [--set field=value ...] [--overwrite] [--distributed]
+    ogpsa plan --preset NAME --devices N [--command sft|dpo|sft-dpo] [--set field=value ...]
+               [--cost] [--json]     (per-device memory from ahead-of-time compiles on N
+                                      virtual CPU devices; nothing is allocated)
     ogpsa experiment NAME [...]   (runs experiments/NAME of the repository checkout, as
                                    `python -m experiments.NAME [...]` from its root)
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -58,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
         "multi-task SLURM job, or a multi-host TPU slice)",
     )
     tr.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    pl = sub.add_parser(
+        "plan",
+        help="per-device memory (and, with --cost, a roofline step time) of a config on N devices",
+    )
+    pl.add_argument("--preset", required=True, help=f"config preset: {', '.join(PRESETS)}")
+    pl.add_argument("--devices", type=int, required=True, help="device count to plan for")
+    pl.add_argument("--command", default="sft-dpo", choices=("sft", "dpo", "sft-dpo"))
+    pl.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    pl.add_argument("--cost", action="store_true", help="also the cost model (more compiles)")
+    pl.add_argument("--json", action="store_true", help="print JSON for scripts")
+    pl.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     ex = sub.add_parser(
         "experiment",
         help="run experiments/NAME of the repository checkout: `ogpsa experiment demo --help`",
@@ -173,6 +188,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    # function-local: jax is imported here, after the device count is set
+    import jax
+
+    from ogpsa_jax.train.abstract import use_virtual_devices
+
+    jax.config.update("jax_platforms", "cpu")  # virtual CPU devices, also on a GPU machine
+    use_virtual_devices(args.devices)  # before anything starts JAX's backend
+    from ogpsa_jax.train import apply_overrides, preset
+    from ogpsa_jax.train.plan import format_plans, plan
+
+    config = apply_overrides(preset(args.preset), args.set)
+    plans = plan(config, args.command, args.devices)
+    costs = None
+    if args.cost:
+        from ogpsa_jax.models import make_mesh
+        from ogpsa_jax.train.cost import cost_report
+
+        cpus = jax.devices("cpu")[: args.devices]
+        mesh = make_mesh(plans[0].mesh, axis_type=config.mesh_axis_type, devices=cpus)
+        costs = [cost_report(p.stage, config, mesh) for p in plans]
+    if args.json:
+        costs = costs or [None] * len(plans)
+        rows = [dict(p.to_dict(), cost=c) for p, c in zip(plans, costs, strict=True)]
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    else:
+        sys.stdout.write(format_plans(plans, costs) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (the console script exits with it).
 
@@ -197,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.group == "train":
             return _train(args)
+        if args.group == "plan":
+            return _plan(args)
     except ValueError as e:
         sys.stderr.write(f"ogpsa: error: {e}\n")
         return EXIT_BAD_INPUT
