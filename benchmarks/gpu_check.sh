@@ -17,6 +17,13 @@
 # the image's jax is used.
 #
 # Usage (from the repository root, on the device machine):  bash benchmarks/gpu_check.sh
+#
+# `bash benchmarks/gpu_check.sh scale` runs only the check of `ogpsa plan` and the cost model
+# (issue 14, < 5 minutes): benchmarks/device_check.py plans SmolLM2-135M at the paper's
+# per-device shapes (SFT 4 x 2048 x 4, bf16, remat=block, loss_chunk=512) on a virtual CPU
+# device (peak memory, roofline step time and OGPSA overhead for this GPU), then runs the real
+# step on the GPU with OGPSA off and with k = 2, and prints measured against predicted: peak
+# bytes (device peak_bytes_in_use) and the OGPSA overhead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp/gpu_check}
@@ -32,6 +39,16 @@ date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
 "optax", optax.__version__, jax.devices())' || exit 1
+if [ "${1:-}" = "scale" ]; then
+  timeout 300 python3 benchmarks/device_check.py --preset tiny --stage sft --steps 5 \
+    --set model.arch=smollm2_135m --set model.scan_unroll=1 --set model.dtype=bfloat16 \
+    --set model.remat=block \
+    --set model.loss_chunk=512 --set sft.batch_size=4 --set sft.accum_steps=4 \
+    --set sft.max_length=2048 --json "$OUT_DIR/device_check.json"
+  rc=$?
+  echo "device check: exit status $rc (124 = cut at 300 s)"
+  exit $rc
+fi
 timeout 90 python3 benchmarks/projection.py --layers 8 --reps 15 --ks 2 \
   --json "$OUT_DIR/projection_gpu.json" > "$OUT_DIR/projection_gpu.log" 2>&1
 echo "projection benchmark: exit status $?"

@@ -1,9 +1,11 @@
 """Benchmark: the OGPSA projection against its memory-traffic floor, and ogpsa_adamw vs adamw.
 
 Question: is the per-step projection memory-bound and close to the least traffic it must cause
-(read g and the k basis trees once, write g once)? Issue 2's goal: within 1.5x of that byte
-floor at k = 2 (the read-once column shows why no projection meets it on a read-bound machine);
-and a small overhead on top of an AdamW update.
+(read g and the k basis trees once, write g once)? The goal (issue 14, restating issue 2's
+now that its analysis is accepted): on CPU, within 1.15x of the two-pass floor measured in the
+same run (below); on a GPU, within 1.5x of the (k + 2)-pass byte floor (g and k basis trees
+read once, g written once), where HBM serves reads and writes alike. And a small overhead on top
+of an AdamW update. The last lines printed check the goal for every row.
 
 Parameter tree: ``--layers`` transformer layers of Qwen2-0.5B shapes (hidden 896, MLP 4864,
 14 query / 2 key-value heads of 64): 14.9M parameters per layer, 59.6M for the default 4.
@@ -291,6 +293,18 @@ def main() -> None:
             f"| {r['coef_separate_ms']:.1f} | {r['read_once_ms']:.1f} |"
         )
     logger.info("\n".join(coef_lines))
+    on_cpu = jax.devices()[0].platform == "cpu"
+    key, bound, name = (
+        ("ratio_two_pass_inplace", 1.15, "two-pass floor")
+        if on_cpu
+        else ("ratio_inplace", 1.5, "(k + 2)-pass byte floor")
+    )
+    for r in rows:
+        met = "met" if r[key] <= bound else "NOT met"
+        logger.info(
+            "goal %s k=%d: project / %s = %.2fx <= %.2fx: %s",
+            r["dtype"], r["k"], name, r[key], bound, met,
+        )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "jax": jax.__version__}, f, indent=1)
