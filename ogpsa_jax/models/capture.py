@@ -43,6 +43,7 @@ from ogpsa_jax.models.config import DecoderConfig
 from ogpsa_jax.models.decoder import layer_param_shapes
 from ogpsa_jax.models.functional import head_logits, hidden_states_with_taps
 from ogpsa_jax.models.lora import LoRAWeights
+from ogpsa_jax.models.sharding import batch_axes
 
 _F32 = jnp.float32
 # Stacked layer weight -> the block tap (`ogpsa_jax.models.layers.BLOCK_TAPS`) holding its input.
@@ -187,11 +188,15 @@ def capture_inputs(
         return _capture(p, config, dtype, ids, attn, idx, ok, with_logits)
 
     if explicit:
-        # As `Decoder.__call__`: GSPMD inside; the captured rows come back replicated.
+        # As `Decoder.__call__`: GSPMD inside; the captured rows come back replicated, the
+        # logits split over the batch like the ids.
         names = set(SITES.values())
         names |= set() if config.tie_word_embeddings else {"head_in"}
-        names |= {"logits"} if with_logits else set()
-        run = jax.sharding.auto_axes(run, out_sharding={k: jax.P() for k in names})
+        out_sharding = {k: jax.P() for k in names}
+        if with_logits:
+            rows_axes = batch_axes(input_ids.shape[0], dict(mesh.shape))
+            out_sharding["logits"] = jax.P(rows_axes, None, None)
+        run = jax.sharding.auto_axes(run, out_sharding=out_sharding)
     out = run(params, input_ids, attention_mask, idx_R, valid_R)
     layers: dict[str, Any] = {
         name: (out[SITES[name]] if name in SITES else None) for name in layer_param_shapes(config)
