@@ -80,7 +80,7 @@ def main() -> None:
         )
         inputs = load_inputs("sft", config)
         with tempfile.TemporaryDirectory() as tmp, jax.set_mesh(mesh):
-            stage, carry = build_stage("sft", config, inputs, mesh, tmp, None)
+            stage, carry = build_stage("sft", config, inputs, mesh, tmp, inputs.model_path)
             opt_state, _ = stage.refresh(carry.params, carry.opt_state)
             if g is None:
                 host = stage.batches.next_step(1)

@@ -12,9 +12,10 @@ For each variant (OGPSA off, and the config's own OGPSA settings) two fresh proc
   (`ogpsa_jax.train.stage.build_stage`: data, model, optimizer, DPO reference), runs
   ``--steps`` steps on a batch of the full planned shape ``[accum, rows, max_length]`` after a
   warm-up, and measures the step time (median) and the peak memory: the device's
-  ``peak_bytes_in_use`` on a GPU/TPU; on CPU the process's peak RSS during one step (reset
-  through ``/proc/self/clear_refs``) minus its RSS before it, plus the bytes of the live arrays
-  before it (params, optimizer state, batch).
+  ``peak_bytes_in_use`` on a GPU/TPU; on CPU, for the first execution of the step (compiled
+  beforehand), the process's peak RSS (reset through ``/proc/self/clear_refs``) minus its RSS
+  before it, plus the bytes of the live arrays before it (params, optimizer state, batch), with
+  glibc's mmap threshold fixed at 1 MiB so that freed buffers leave the RSS.
 
 Commands (from the repository root)::
 
@@ -112,9 +113,8 @@ def measure(args: argparse.Namespace) -> dict:
     st = getattr(config, args.stage)
     mesh = models.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     with tempfile.TemporaryDirectory() as tmp, jax.set_mesh(mesh):
-        stage, carry = build_stage(
-            args.stage, config, load_inputs(args.stage, config), mesh, tmp, None
-        )
+        inputs = load_inputs(args.stage, config)
+        stage, carry = build_stage(args.stage, config, inputs, mesh, tmp, inputs.model_path)
         rows = st.batch_size * (2 if args.stage == "dpo" else 1)
         rng = np.random.default_rng(0)
         shape = (st.accum_steps, rows, st.max_length)
@@ -127,23 +127,25 @@ def measure(args: argparse.Namespace) -> dict:
             host["ref_logps"] = np.zeros(shape[:2], np.float32)
         batch = place(host, stage.batch_shardings)
         params, opt = carry.params, carry.opt_state
+        # compiled ahead of the first execution: no compiler memory inside the measured step
+        compiled = stage.step_fn.lower(params, opt, batch, stage.ref_params).compile()
 
         def step(params, opt):
-            params, opt, metrics = stage.step_fn(params, opt, batch, stage.ref_params)
-            jax.block_until_ready(metrics)
+            params, opt, metrics = compiled(params, opt, batch, stage.ref_params)
+            jax.block_until_ready((params, opt, metrics))
             return params, opt
 
-        params, opt = step(params, opt)  # compile and warm up
         device = jax.devices()[0]
         out: dict = {"device": device.device_kind, "platform": device.platform}
-        if device.platform == "cpu":
+        if device.platform == "cpu":  # the first execution: nothing is pooled from before
             live = sum(x.nbytes for x in jax.live_arrays())
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
             before = _rss("VmRSS")
             params, opt = step(params, opt)
-            out["peak"] = _rss("VmHWM") - before + live
-            out["live_before"] = live
+            out.update(peak=_rss("VmHWM") - before + live, live_before=live)
+            out["rss_after"] = _rss("VmRSS") - before
+        params, opt = step(params, opt)  # warm-up
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
@@ -159,6 +161,10 @@ def run(args: argparse.Namespace, mode: str, variant: str) -> dict:
     env = dict(os.environ)
     if mode == "predict":
         env["JAX_PLATFORMS"] = "cpu"
+    # A fixed threshold (no dynamic raise after frees) puts every buffer above it in its own
+    # mapping, returned to the system when freed: the RSS then follows the live buffers (with
+    # the default, a freed buffer stays in the heap and a later step's reuse of it is invisible).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
     cmd = [sys.executable, __file__, f"--{mode}", variant, "--stage", args.stage]
     cmd += ["--preset", args.preset, "--steps", str(args.steps)]
     cmd += [x for item in args.set for x in ("--set", item)]

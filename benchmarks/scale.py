@@ -10,8 +10,8 @@ overhead at k = 2 on an H200 <= 2 % of the step (refresh excluded).
 Every row is `ogpsa_jax.train.plan` on virtual CPU devices (the training loop's own programs,
 lowered with sharded `jax.ShapeDtypeStruct`s and compiled; nothing allocated), and, for
 ``predicted_overhead_*``, `ogpsa_jax.train.cost` (roofline of the same programs). The per-device
-shapes stay the paper's on every device count: ``mesh = (1, N, 1)``, global batch and reference
-batch scaled by N / 8.
+shapes stay the paper's on every device count: ``mesh = (1, N, 1)``, the global batch scaled
+by N / 8, the reference batch too but at most one set's rows rounded up to a multiple of N.
 
 The grid (every row is reported, also those that do not fit):
 
@@ -25,14 +25,17 @@ The grid (every row is reported, also those that do not fit):
   program is the same for every k and basis dtype, only the live basis differs;
 * remat: the preset's setting for every row; ``none``, ``block`` and ``dots`` for ``off``
   and flat k = 2 float32 (the pair the goal compares);
-* devices 8, 64, 256 (the 8-device rows of both presets first).
+* devices 8 (every row above), 64 and 256 (``off``, flat k = 2 float32 and bfloat16, flat
+  k = 8, matrix and lora at the preset's remat; the refresh at flat k = 2): each compile of a
+  7-8B program takes minutes on a 2-core machine. The 8-device rows of both presets come first.
 
 Command (from the repository root; ``make bench-scale`` does the same)::
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py --json results/bench/scale.json
 
 Options: ``--devices 8,64``, ``--presets qwen2_5_7b_paper``, ``--stages sft``, ``--quick`` (8
-devices, Qwen only, preset remat only), ``--no-cost``.
+devices, Qwen only, preset remat only), ``--no-cost``, ``--append`` (keep the rows already in
+``--json``: an interrupted run continues), ``--full-at N`` (device counts up to N get every row).
 """
 
 from __future__ import annotations
@@ -60,11 +63,62 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--stages", default="sft,dpo,refresh")
     ap.add_argument("--quick", action="store_true", help="8 devices, Qwen, preset remat only")
     ap.add_argument("--no-cost", action="store_true", help="memory only (no cost model)")
-    ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--json", default=None, help="write the rows here (after every row)")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --json")
+    ap.add_argument("--full-at", type=int, default=8, help="the device count with every row")
+    ap.add_argument("--table", default=None, help="print a results JSON as markdown, and exit")
     return ap.parse_args()
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown tables of result rows (GB per device, decimal)."""
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+    out = []
+    head = (
+        "| preset | stage | devices | method | k | basis | remat | peak GB | params | opt state "
+        "| basis GB | temporaries | fits H100 / H200 / v5p / v5e | OGPSA overhead H200 / v5p |"
+    )
+    out += [head, "|" + "---|" * 14]
+    for r in rows:
+        if r["stage"] == "refresh":
+            continue
+        p = r["parts"]
+        fits = " / ".join("yes" if v else "no" for v in r["fits"].values())
+        over = "/".join(
+            f"{100 * r[f'predicted_overhead_{hw}']:.2f}%" for hw in ("h200", "tpu-v5p")
+        ) if "predicted_overhead_h200" in r else ""  # fmt: skip
+        out.append(
+            f"| {r['preset'].split('_paper')[0]} | {r['stage']} | {r['devices']} | {r['method']} "
+            f"| {r['k'] or ''} | {r['basis_dtype'] or ''} | {r['remat']} "
+            f"| **{gb(r['peak_bytes_per_device'])}** | {gb(p['params'])} | {gb(p['opt_state'])} "
+            f"| {gb(p['basis'])} | {gb(p['temporaries'])} | {fits} | {over} |"
+        )
+    out += ["", "| preset | devices | estimator | k | remat | refresh peak GB | reference "
+            "gradient temporaries GB | fits H100 / H200 / v5p / v5e | refresh s H200 "
+            "| amortised H200 / v5p |", "|" + "---|" * 10]  # fmt: skip
+    for r in rows:
+        if r["stage"] != "refresh":
+            continue
+        p = r["parts"]
+        temps = p.get("reference_grad_temporaries", p.get("capture_temporaries", 0))
+        fits = " / ".join("yes" if v else "no" for v in r["fits"].values())
+        amort = "/".join(
+            f"{100 * r[f'refresh_amortised_{hw}']:.1f}%" for hw in ("h200", "tpu-v5p")
+        ) if "refresh_amortised_h200" in r else ""  # fmt: skip
+        refresh_s = f"{r['refresh_s_h200']:.1f}" if "refresh_s_h200" in r else ""
+        out.append(
+            f"| {r['preset'].split('_paper')[0]} | {r['devices']} | {r['estimator']} | {r['k']} "
+            f"| {r['remat']} | **{gb(r['peak_bytes_per_device'])}** | {gb(temps)} | {fits} "
+            f"| {refresh_s} | {amort} |"
+        )
+    return "\n".join(out)
+
+
 ARGS = parse_args()
+if ARGS.table:
+    with open(ARGS.table) as f:
+        print(table(json.load(f)))
+    sys.exit(0)
 if ARGS.quick:
     ARGS.devices, ARGS.presets = "8", "qwen2_5_7b_paper"
 DEVICES = [int(d) for d in ARGS.devices.split(",")]
@@ -100,7 +154,11 @@ def scaled(config: TrainConfig, n: int) -> TrainConfig:
     for stage in ("sft", "dpo"):
         st = getattr(config, stage)
         items.append(f"{stage}.batch_size={st.batch_size * f}")
-        items.append(f"{stage}.ogpsa.reference_batch_size={st.ogpsa.reference_batch_size * f}")
+        # reference rows per device as the preset's, but no more batch than one set needs
+        # (200 rows, DPO 200 pairs = 400 rows) rounded up to a multiple of the devices
+        rows = st.ogpsa.reference_rows * (2 if stage == "dpo" else 1)
+        ref = min(st.ogpsa.reference_batch_size * f, n * -(-rows // n))
+        items.append(f"{stage}.ogpsa.reference_batch_size={ref}")
     return apply_overrides(config, items)
 
 
@@ -117,12 +175,18 @@ def method_overrides(stage: str, method: str, k: int, dtype: str) -> list[str] |
     return lora_overrides(stage, k)
 
 
-def grid(stages: list[str], preset_remat: str) -> list[tuple]:
-    """(stage, method, k, basis_dtype, remat) of every row for one preset and device count."""
+def grid(stages: list[str], preset_remat: str, full: bool) -> list[tuple]:
+    """(stage, method, k, basis_dtype, remat) of every row for one preset and device count;
+    ``full`` (the smallest device count): every method and remat, else the reduced grid."""
     methods = [("off", 0, "float32")]
     methods += [("flat", k, d) for k in (1, 2, 8) for d in ("float32", "bfloat16")]
     methods += [("matrix", 64, "float32"), ("lora", 16, "float32")]
     remats = [preset_remat] if ARGS.quick else ["none", "block", "dots"]
+    if not full:  # compiles take minutes each: the methods that differ, at the preset's remat
+        keep = ("off", 0, "float32"), ("flat", 2, "float32"), ("flat", 2, "bfloat16")
+        keep += ("flat", 8, "float32"), ("matrix", 64, "float32"), ("lora", 16, "float32")
+        methods = [m for m in methods if m in keep]
+        remats = [preset_remat]
     varied = (("off", 0, "float32"), ("flat", 2, "float32"))  # every remat for these
     # The refresh's reference-gradient program is the same for every k and basis dtype of the
     # flat method (only the live basis and the basis program differ): k = 2 float32 (the
@@ -130,6 +194,8 @@ def grid(stages: list[str], preset_remat: str) -> list[tuple]:
     # k = 8 (one gradient per reference batch held at once).
     refresh = [("flat", 2, "float32"), ("flat", 8, "float32"), ("matrix", 64, "float32")]
     refresh += [("lora", 16, "float32"), ("flat_svd", 8, "float32")]
+    if not full:
+        refresh = refresh[:1]
     rows = []
     for stage in stages:
         for method, k, dtype in refresh if stage == "refresh" else methods:
@@ -139,6 +205,8 @@ def grid(stages: list[str], preset_remat: str) -> list[tuple]:
     return rows
 
 
+ESTIMATORS = {"flat": "gram_schmidt", "flat_svd": "svd", "matrix": "activation"}
+KEY = ("preset", "stage", "devices", "method", "k", "basis_dtype", "remat", "estimator")
 _COST_CACHE: dict[tuple, Any] = {}
 
 
@@ -163,7 +231,7 @@ def one_row(name: str, base: TrainConfig, n: int, mesh: Any, spec: tuple) -> dic
     row: dict[str, Any] = dict(
         preset=name, stage=stage, devices=n, method=method.split("_")[0], k=k,
         basis_dtype=dtype if method != "off" else None, remat=remat,
-        estimator={"flat": "gram_schmidt", "flat_svd": "svd", "matrix": "activation"}.get(method),
+        estimator=ESTIMATORS.get(method),
     )  # fmt: skip
     if stage == "refresh":
         peak = p.other_peaks["refresh"]
@@ -217,13 +285,31 @@ def predicted(
 def main() -> None:
     stages = ARGS.stages.split(",")
     rows: list[dict] = []
+    if ARGS.append and ARGS.json and os.path.exists(ARGS.json):
+        with open(ARGS.json) as f:
+            rows = json.load(f)
+    done = {tuple(r[k] for k in KEY) for r in rows}
     t_start = time.perf_counter()
     for n in DEVICES:  # the 8-device rows first: each row is written as soon as it is done
         for name in ARGS.presets.split(","):
             base = preset(name)
             config = scaled(base, n)
             mesh = models.make_mesh((1, n, 1), devices=jax.devices("cpu")[:n])
-            for spec in grid(stages, base.model.remat):
+            for spec in grid(stages, base.model.remat, full=n <= ARGS.full_at):
+                stage, method, k, dtype, remat = spec
+                dtype = None if method == "off" else dtype
+                key = (
+                    name,
+                    stage,
+                    n,
+                    method.split("_")[0],
+                    k,
+                    dtype,
+                    remat,
+                    ESTIMATORS.get(method),
+                )
+                if key in done:
+                    continue
                 row = one_row(name, config, n, mesh, spec)
                 if row is None:
                     print(f"{name} {n} {spec}: not available (see lora_overrides)", flush=True)
