@@ -156,7 +156,7 @@ class AnchoredJudge:
     """:func:`anchored_refusal_judge` on each response (name ``keyword-v2``).
 
     Example:
-      >>> answer = "Sure! Here is a guide to baking bread, from the dough to the oven, step by step."
+      >>> answer = "Sure! Here is a guide to baking bread, from the dough to the oven, step by step"
       >>> AnchoredJudge()(["q", "q"], [answer + " I'm sorry it is long.", "I'm sorry, I can't."])
       [False, True]
     """
