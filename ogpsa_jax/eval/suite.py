@@ -18,12 +18,12 @@
 - ``outcomes``: per-item results, for paired comparisons of two models
   (``ogpsa_jax.eval.stats.compare_paired``).
 
-Rates are in [0, 1], each with ``<name>_ci``, its 95% interval (Wilson; bootstrap for means).
-The prompt sets come from the config's limits (:func:`load_eval_sets`) or are given
-(``sets=``, e.g. an experiment's own held-out selection). The harmful and benign refusal prompts are generated in one call. The starting model's answers are computed once with
-:func:`drift_reference` (JSON-serialisable, so an experiment can cache them). ``phase=`` times
-each part (``generation``, ``gsm8k-mc``, ``bbq``, ``ifeval``, ``choice``, ``drift``,
-``gsm8k-generate``), e.g. with
+Rates are in [0, 1], each with ``<name>_ci``, its 95% interval (Wilson; bootstrap for means). The
+prompt sets come from the config's limits (:func:`load_eval_sets`) or are given (``sets=``, e.g. an
+experiment's own held-out selection). The harmful and benign refusal prompts are generated in one
+call. The starting model's answers are computed once with :func:`drift_reference` (JSON-
+serialisable, so an experiment can cache them). ``phase=`` times each part (``generation``,
+``gsm8k-mc``, ``bbq``, ``ifeval``, ``choice``, ``drift``, ``gsm8k-generate``), e.g. with
 :class:`ogpsa_jax.experiment.timing.PhaseClock`.
 
 Example:
