@@ -39,7 +39,7 @@ from transformers import AutoTokenizer
 from ogpsa_jax import eval as ev
 from ogpsa_jax import models
 from ogpsa_jax.eval.choice_tasks import TASKS, chance_rate, load_choice_task
-from ogpsa_jax.eval.ifeval import ifeval, load_ifeval
+from ogpsa_jax.eval.ifeval import evaluate_ifeval, load_ifeval
 from ogpsa_jax.eval.stats import rate_summary
 from ogpsa_jax.experiment.timing import load_average, machine_info
 from ogpsa_jax.models.gguf import smollm2_path
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pick = np.random.default_rng(0).choice(len(rows), size=args.ifeval, replace=False)
         rows = [rows[i] for i in sorted(pick)]
     t0 = time.perf_counter()
-    res = ifeval(
+    res = evaluate_ifeval(
         model,
         tok,
         rows,

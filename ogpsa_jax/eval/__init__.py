@@ -27,7 +27,7 @@ from ogpsa_jax.eval.gsm8k import (
     score_gsm8k_responses,
 )
 from ogpsa_jax.eval.ifeval import (
-    ifeval,
+    evaluate_ifeval,
     load_ifeval,
     punkt_data_dir,
     score_ifeval,
@@ -82,7 +82,7 @@ __all__ = [
     "anchored_refusal_judge",
     "chance_rate",
     "default_judge",
-    "ifeval",
+    "evaluate_ifeval",
     "load_choice_task",
     "load_ifeval",
     "load_judge_comparison",

@@ -315,7 +315,7 @@ def score_ifeval(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) ->
     return out
 
 
-def ifeval(
+def evaluate_ifeval(
     model: nnx.Module,
     tokenizer: Any,
     rows: Sequence[Mapping[str, Any]],
@@ -341,7 +341,7 @@ def ifeval(
       :func:`score_ifeval`'s dict plus ``responses`` and ``max_new_tokens``.
 
     Example:
-      >>> ifeval(model, tok, load_ifeval(limit=8))["prompt_strict"]  # doctest: +SKIP
+      >>> evaluate_ifeval(model, tok, load_ifeval(limit=8))["prompt_strict"]  # doctest: +SKIP
       0.25
     """
     texts = [r["prompt"] for r in rows]

@@ -19,7 +19,7 @@ intervals. Only NumPy and the standard library are used.
 - :func:`cohen_kappa`: chance-corrected agreement of two binary raters.
 
 Example:
-    >>> lo, hi = wilson_interval(81, 263)  # Newcombe (1998), Table II: 0.2553 to 0.3662
+    >>> lo, hi = wilson_interval(81, 263)  # Newcombe (1998): 0.2553 to 0.3662
     >>> round(lo, 4), round(hi, 4)
     (0.2553, 0.3662)
     >>> mcnemar_exact([1, 1, 1, 0, 0], [0, 0, 0, 0, 0])["p_value"]  # 3 vs 0 discordant: 2/8

@@ -56,7 +56,7 @@ from flax import nnx
 from ogpsa_jax.eval.drift import drift, reference_answers
 from ogpsa_jax.eval.generation import generate_responses
 from ogpsa_jax.eval.gsm8k import gsm8k_exact_match, gsm8k_mc_accuracy
-from ogpsa_jax.eval.ifeval import ifeval
+from ogpsa_jax.eval.ifeval import evaluate_ifeval
 from ogpsa_jax.eval.judge import Judge, default_judge
 from ogpsa_jax.eval.multiple_choice import check_mc_items, multiple_choice_accuracy
 from ogpsa_jax.eval.prompts import load_prompt_set, prompt_texts
@@ -273,7 +273,7 @@ def evaluate_alignment(
     ife = None
     if sets["ifeval"]:
         with timed("ifeval"):
-            ife = ifeval(
+            ife = evaluate_ifeval(
                 model,
                 tokenizer,
                 sets["ifeval"],
