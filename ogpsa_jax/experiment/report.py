@@ -126,7 +126,7 @@ def comparisons_markdown(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         >>> rows = [dict(a="start:none", b="naive:sft", metric="safety", diff=0.5,
         ...              ci=[0.3, 0.7], p_value=0.001)]
         >>> comparisons_markdown(rows)[-1]
-        '| naive:sft - start:none | +0.500 [+0.30, +0.70] p=0.001 | | | | | | | |'
+        '| naive:sft - start:none | +0.500 [+0.30, +0.70] p=0.001 |  |  |  |  |  |  |  |'
     """
     if not comparisons:
         return []
