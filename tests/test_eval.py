@@ -501,10 +501,12 @@ def test_evaluate_alignment_schema_and_known_values(tok, refuser, complier):
         )
     # choice tasks: the same numbers as scoring them directly (plain-text cloze)
     items = ev.load_eval_sets(cfg)["choice"]
-    direct = ev.multiple_choice_accuracy(refuser, tok, items, chat=False, progress=False)
-    ok = [p == it["answer"] for p, it in zip(direct["predictions"], items, strict=True)]
-    assert res["choice"] == {"piqa": np.mean(ok[:3]), "arc_easy": np.mean(ok[3:])}
-    assert res["outcomes"]["choice"] == {"piqa": ok[:3], "arc_easy": ok[3:]}
+    ok = {}
+    for task, part in (("piqa", items[:3]), ("arc_easy", items[3:])):  # scored per task
+        direct = ev.multiple_choice_accuracy(refuser, tok, part, chat=False, progress=False)
+        ok[task] = [p == it["answer"] for p, it in zip(direct["predictions"], part, strict=True)]
+    assert res["choice"] == {task: np.mean(v) for task, v in ok.items()}
+    assert res["outcomes"]["choice"] == ok
     assert res["truthfulqa_mc1"] is None and "TruthfulQA" in res["truthfulqa_note"]
     # every rate has its Wilson interval, computed from its per-item outcomes
     for key in ("safety", "over_refusal", "gsm8k", "bbq"):

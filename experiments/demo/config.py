@@ -53,7 +53,7 @@ class DemoConfig:
     # New tokens of the IFEval answers (official runs allow 1280; full_config uses that).
     ifeval_tokens: int = 128
     # Items per zero-shot multiple-choice task (0 = all).
-    choice: int = 32
+    choice: int = 16
     # The tasks: those the starting model is above chance on (results/eval/start_model.json).
     choice_tasks: tuple[str, ...] = CHOICE_TASKS
     # Held-out benign prompts for drift.

@@ -282,17 +282,21 @@ def evaluate_alignment(
                 system_prompt=config.system_prompt,
                 progress=bar("IFEval"),
             )
-    choice = None
+    choice: dict[str, Any] = {}
     if sets["choice"]:
         with timed("choice"):  # zero-shot cloze: plain text, no chat template
-            choice = multiple_choice_accuracy(
-                model,
-                tokenizer,
-                sets["choice"],
-                chat=False,
-                batch_size=config.score_batch_size,
-                progress=bar("choice tasks"),
-            )
+            groups: dict[str, list] = {}
+            for row in sets["choice"]:
+                groups.setdefault(row.get("category", "choice"), []).append(row)
+            for task, items in groups.items():  # per task: one continuation width each
+                choice[task] = multiple_choice_accuracy(
+                    model,
+                    tokenizer,
+                    items,
+                    chat=False,
+                    batch_size=config.score_batch_size,
+                    progress=bar(task),
+                )
     drift_res = None
     if reference is not None:
         with timed("drift"):
@@ -336,13 +340,9 @@ def evaluate_alignment(
         outcomes["ifeval_prompt_loose"] = [p["loose"] for p in per]
         outcomes["ifeval_inst_strict"] = [x for p in per for x in p["inst_strict"]]
         outcomes["ifeval_inst_loose"] = [x for p in per for x in p["inst_loose"]]
-    if choice is not None:
-        for task, ok in zip(
-            [r.get("category", "choice") for r in sets["choice"]],
-            correct(choice, sets["choice"]),
-            strict=True,
-        ):
-            outcomes["choice"].setdefault(task, []).append(ok)
+    for task, res in choice.items():
+        items = [r for r in sets["choice"] if r.get("category", "choice") == task]
+        outcomes["choice"][task] = correct(res, items)
     if drift_res is not None:
         outcomes["drift"] = drift_res["nll_per_prompt"]
         outcomes["drift_pairs"] = [
@@ -403,7 +403,7 @@ def evaluate_alignment(
             "gsm8k": gsm if gsm is not None else gsm_gen,
             "gsm8k_generate": gsm_gen,
             "ifeval": ife,
-            "choice": choice,
+            "choice": choice or None,
             "drift": drift_res,
         },
     }

