@@ -1,8 +1,8 @@
 """The demo's configuration: `DemoConfig`, its presets and its validation.
 
-Presets: `default_config` (the committed results, ~14 minutes on a 2-core CPU), `full_config`
-(the whole grid, for a GPU or TPU host) and `tiny_config` (the same code on the tiny random
-model, seconds; used by the tests). Any field can be overridden from the command line
+Presets: `default_config` (the committed results, about 16 minutes on an idle 2-core CPU),
+`full_config` (the whole grid, for a GPU or TPU host) and `tiny_config` (the same code on the tiny
+random model, seconds; used by the tests). Any field can be overridden from the command line
 (``--set field=value``, parsed by the field's annotation with `ogpsa_jax.overrides`).
 
 Example:
@@ -124,7 +124,7 @@ class DemoConfig:
 
 
 def default_config() -> DemoConfig:
-    """The default demo: about 14 minutes measured on a quiet 2-core CPU (README)."""
+    """The default demo: about 16 minutes on an idle 2-core CPU (docs/evaluation.md)."""
     return DemoConfig()
 
 
