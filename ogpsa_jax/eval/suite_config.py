@@ -134,8 +134,8 @@ def load_eval_sets(config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
 
     Example:
       >>> sets = load_eval_sets(EvalConfig(harmful_limit=2, bbq_limit=3, choice_limit=2))
-      >>> len(sets["harmful"]), len(sets["bbq"]), len(sets["choice"])  # 2 per harmful set
-      (4, 3, 8)
+      >>> len(sets["harmful"]), len(sets["bbq"]), len(sets["choice"])  # 2 per set and task
+      (4, 3, 10)
     """
     harmful = [
         row
