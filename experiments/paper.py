@@ -45,9 +45,17 @@ import jax.numpy as jnp
 from transformers import AutoTokenizer
 
 from ogpsa_jax.data import load_preferences, load_sft
-from ogpsa_jax.eval import drift_reference, evaluate_alignment, full_eval_config, load_eval_sets
+from ogpsa_jax.eval import (
+    TRUTHFULQA_NOTE,
+    default_judge,
+    drift_reference,
+    evaluate_alignment,
+    full_eval_config,
+    load_eval_sets,
+)
 from ogpsa_jax.experiment.averaging import average_models
-from ogpsa_jax.experiment.report import write_results
+from ogpsa_jax.experiment.compare import demo_pairs, paired_comparisons
+from ogpsa_jax.experiment.report import IFEVAL_FIELDS, write_results
 from ogpsa_jax.models import load_hf
 from ogpsa_jax.train import TrainConfig, apply_overrides, preset, train, validate
 
@@ -228,8 +236,11 @@ def _evaluate(exp: Experiment, output_dir: str, tuned: str | None) -> None:
     for alpha, model in models:
         m = evaluate_alignment(model, tok, EVAL, sets=sets, reference=reference)
         run = {"method": exp.method, "pipeline": exp.pipeline}
-        run.update({k: m[k] for k in ("safety", "over_refusal", "capability", "gsm8k", "bbq")})
-        run.update(drift=m["drift"], safety_by_source=m["safety_by_source"])
+        rates = ("safety", "over_refusal", "capability", "gsm8k", "bbq", *IFEVAL_FIELDS)
+        rates += ("choice", "choice_mean", "truthfulqa_mc1", "drift")
+        run.update({k: m[k] for k in rates})
+        run.update({f"{k}_ci": m[f"{k}_ci"] for k in rates if f"{k}_ci" in m})
+        run.update(safety_by_source=m["safety_by_source"], outcomes=m["outcomes"])
         run.update(gsm8k_generate=m["gsm8k_generate"], eval_seconds=m["seconds"])
         run.update(steps=0, seconds=0.0)
         if alpha is not None:
@@ -245,9 +256,12 @@ def _report(run_dirs: Sequence[str], out: str) -> None:
     for d in run_dirs:
         with open(os.path.join(d, "eval.json")) as f:
             runs += json.load(f)
-    write_results(
-        out, runs, {"model": "paper-scale", "judge": "keyword-v1", "runs": list(run_dirs)}
-    )
+    meta = {"model": "paper-scale", "judge": default_judge().name, "runs": list(run_dirs)}
+    label = lambda r: f"{r['method']}:{r['pipeline']}" + (f":{r['alpha']}" if "alpha" in r else "")
+    outcomes = {label(r): r.pop("outcomes") for r in runs}
+    meta["comparisons"] = paired_comparisons(outcomes, demo_pairs(list(outcomes)))
+    meta["truthfulqa_mc1"] = TRUTHFULQA_NOTE
+    write_results(out, runs, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
