@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from ogpsa_jax.cli import EXIT_BAD_INPUT, main
@@ -37,10 +38,11 @@ from ogpsa_jax.models import (
     save_peft,
     tiny_config,
 )
-from ogpsa_jax.models.lora import TARGETS, adapter_key
+from ogpsa_jax.models.lora import TARGETS, LoRAParam, adapter_key
 from ogpsa_jax.train import apply_overrides, preset, train
 from ogpsa_jax.train.lora_refresh import orthogonal_to, rank_basis
 from ogpsa_jax.train.metrics import read_metrics
+from ogpsa_jax.train.stage import model_function
 
 RANK, ALPHA, K = 4, 8.0, 11
 SCALING = ALPHA / RANK
@@ -330,6 +332,22 @@ def test_orthogonal_to_and_rank_basis_match_float64():
     tol = float(np.sqrt(s[1] * s[2])) / np.linalg.norm(a[0], ord=2)  # between the 2nd and 3rd
     u_tol = np.asarray(rank_basis(a, v, k=9, tol=tol))
     assert np.count_nonzero(np.linalg.norm(u_tol[0], axis=0) > 0.5) == 2
+
+
+def test_frozen_weights_are_arguments_of_the_program_not_constants():
+    model = add_lora(
+        init_random(tiny_config(), dtype=jnp.float32), LoRAConfig(rank=2, alpha=4, targets="q")
+    )
+    graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
+    ids = jnp.ones((1, 5), jnp.int32)
+    apply_fn = model_function(graphdef, rest)
+    passed = jax.jit(lambda f, p: f(p, ids, None)).lower(apply_fn, adapters)
+    closed = jax.jit(lambda p: apply_fn(p, ids, None)).lower(adapters)
+    big = lambda lowered: re.findall(r'dense<"0x[0-9A-F]{1000,}', lowered.as_text())  # noqa: E731
+    assert big(closed)  # closed over, the base weights are embedded in the program
+    assert not big(passed)  # passed as an argument (as every jitted program of training does)
+    n_base = sum(x.size for x in jax.tree.leaves(rest))
+    assert passed.compile().memory_analysis().argument_size_in_bytes >= 4 * n_base
 
 
 # ----------------------------------------------------------------------------- named errors

@@ -39,12 +39,15 @@ from ogpsa_jax.train import hooks as train_hooks
 from ogpsa_jax.train.dpo_reference import reference_logps_table
 from ogpsa_jax.train.inputs import Inputs
 from ogpsa_jax.train.lora import base_folder, load_start
-from ogpsa_jax.train.lora_refresh import LoRARefresh, make_lora_refresh
+from ogpsa_jax.train.lora_refresh import make_lora_refresh
 from ogpsa_jax.train.optimizer import Optimizer, make_optimizer, make_schedule
 from ogpsa_jax.train.refresh import make_refresh
 from ogpsa_jax.train.schema import MATRIX_METHODS, StageConfig, TrainConfig, lora_config
 from ogpsa_jax.train.sharding import batch_shardings, opt_shardings, shardings_of
 from ogpsa_jax.train.step import dpo_micro_loss, make_train_step, sft_micro_loss
+
+# refresh(params, opt_state) -> (params, opt_state, metrics): a LoRA refresh may change params
+StageRefresh = Callable[[Any, Any], tuple[Any, Any, dict]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +66,7 @@ class Stage:
     batch_shardings: dict[str, NamedSharding]
     ref_params: Any  # frozen DPO reference weights (dpo_reference="model"), else None
     ref_table: dict[bytes, float] | None  # precomputed DPO reference log-probs, else None
-    refresh: LoRARefresh | None  # (params, opt_state) -> (params, opt_state, metrics); None: off
+    refresh: StageRefresh | None  # the basis refresh (None: OGPSA off)
     paths: list[str]  # parameter leaf paths, to name a non-finite leaf
     hooks: train_hooks.Hooks
     lora: models.LoRAConfig | None  # the adapters trained (None: every weight trains)
@@ -241,8 +244,8 @@ def _make_stage_refresh(
     params: Any,
     mesh: Any,
     seed: int,
-) -> LoRARefresh | None:
-    """The basis refresh, as ``(params, opt_state) -> (params, opt_state, metrics)``."""
+) -> StageRefresh | None:
+    """The basis refresh of the stage (the LoRA one for adapters with a matrix method)."""
 
     def inner(mask: Any = None) -> Any:
         return make_refresh(
