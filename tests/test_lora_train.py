@@ -5,9 +5,11 @@ before steps 1 and 3, checkpoints after steps 2 and 4) serves the checks of what
 stored (adapters only), what is exported (a PEFT folder that reproduces the trained model on
 the exported base, the merged folder) and of OGPSA on adapters (inputs in the protected span
 see no change of an adapted layer's output); a copy stopped by SIGTERM resumes to the same
-bits. An SFT->DPO run on an Explicit mesh with bfloat16 compute and a frozen layer checks the
-DPO stage (new adapters on the merged SFT model, referenced to its start), and a DPO run
-started from the SFT stage's PEFT folder equals that stage. Named errors come last.
+bits. An SFT->DPO run on an Explicit mesh with bfloat16 compute, the layer scan as a loop and
+a frozen layer checks the DPO stage (new adapters on the merged SFT model, referenced to its
+start), and a DPO run started from the SFT stage's PEFT folder equals that stage. Then the
+refresh's math against float64, the frozen weights as program arguments, the experiments'
+LoRA methods, and the named errors.
 """
 
 import dataclasses
@@ -230,6 +232,7 @@ SFT_DPO = [
     "mesh_axis_type=explicit",
     "model.dtype=bfloat16",
     "model.frozen_layers=1",
+    "model.scan_unroll=1",  # the layer scan as a loop (the tiny preset unrolls it)
     f"model.lora.rank={RANK}",
     f"model.lora.alpha={ALPHA}",
     "model.lora.targets=q,v,o,down",
