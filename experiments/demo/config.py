@@ -23,7 +23,7 @@ from ogpsa_jax.eval import CHOICE_TASKS, EvalConfig
 from ogpsa_jax.eval.choice_tasks import TASKS
 from ogpsa_jax.overrides import check_types
 
-METHODS = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay")
+METHODS = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay", "lora", "ogpsa-lora")
 PIPELINES = ("sft", "dpo", "sft-dpo")
 
 
@@ -101,11 +101,18 @@ class DemoConfig:
     gpm_energy: float = 0.97
     # Token rows of layer inputs sampled over the reference set for the GPM basis.
     gpm_rows: int = 512
+    # LoRA methods ("lora": adapters, naive; "ogpsa-lora": adapters with the GPM basis of
+    # "ogpsa-gpm" on them): rank and alpha on all seven projections.
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    # LoRA methods: learning rates = sft_lr / dpo_lr times this (adapters need larger steps).
+    lora_lr_scale: float = 10.0
     # Rows per reference micro-batch.
     reference_batch: int = 8
     # Weight-averaging mixing weights (0 = start, 1 = tuned; endpoints are runs already).
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
-    # Trained runs as "method:pipeline" (methods: naive, ogpsa, ogpsa-svd, ogpsa-gpm, replay).
+    # Trained runs as "method:pipeline" (methods: naive, ogpsa, ogpsa-svd, ogpsa-gpm, replay,
+    # lora, ogpsa-lora).
     runs: tuple[str, ...] = (
         "naive:sft",
         "ogpsa:sft",
@@ -227,7 +234,7 @@ def validate(config: DemoConfig) -> None:
     positive = (
         "drift_prompts max_length answer_tokens eval_tokens ifeval_tokens sft_steps sft_batch "
         "dpo_steps dpo_batch sft_refresh dpo_refresh svd_k gpm_k gpm_rows reference_batch "
-        "gen_batch score_batch"
+        "gen_batch score_batch lora_rank"
     ).split()
     for name in positive:
         if getattr(config, name) < 1:
@@ -240,7 +247,7 @@ def validate(config: DemoConfig) -> None:
         raise ValueError("frozen_layers and num_devices must be >= 0")
     if not 0.0 < config.gpm_energy <= 1.0:
         raise ValueError(f"gpm_energy must be in (0, 1], got {config.gpm_energy}")
-    for name in ("sft_lr", "dpo_lr", "dpo_beta"):
+    for name in ("sft_lr", "dpo_lr", "dpo_beta", "lora_alpha", "lora_lr_scale"):
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
     for a in config.alphas:

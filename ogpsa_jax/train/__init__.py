@@ -3,8 +3,9 @@
 Files: `schema` (the config dataclasses, `validate`), `presets`, `inputs` (everything read
 before the run folder is touched), `run_dir` (the run folder), `optimizer` (the public OGPSA
 alias built from a stage config), `step` (the pure train step), `losses`, `dpo_reference`,
-`refresh` (basis refreshes), `sharding`, `checkpoint`, `metrics`, `loop` (`train` and the
-stage loop), `hooks` (the loop's seams for `ogpsa_jax.testing`).
+`refresh` (basis refreshes), `lora` (LoRA runs: starting model, checks, export),
+`lora_refresh` (the matrix basis on adapters), `sharding`, `checkpoint`, `metrics`, `loop`
+(`train` and the stage loop), `hooks` (the loop's seams for `ogpsa_jax.testing`).
 
 Example:
     >>> from ogpsa_jax.train import apply_overrides, preset, train
@@ -17,11 +18,19 @@ from ogpsa_jax.train.loop import EXIT_PREEMPTED, NonFiniteError, TrainResult, tr
 from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, token_nll
 from ogpsa_jax.train.optimizer import Optimizer, make_optimizer
 from ogpsa_jax.train.presets import PRESETS, preset
-from ogpsa_jax.train.schema import ModelConfig, OGPSAConfig, StageConfig, TrainConfig, validate
+from ogpsa_jax.train.schema import (
+    LoRASettings,
+    ModelConfig,
+    OGPSAConfig,
+    StageConfig,
+    TrainConfig,
+    validate,
+)
 from ogpsa_jax.train.step import make_train_step
 
 __all__ = [
     "EXIT_PREEMPTED",
+    "LoRASettings",
     "PRESETS",
     "ModelConfig",
     "NonFiniteError",

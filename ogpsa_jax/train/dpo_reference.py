@@ -23,7 +23,7 @@ import numpy as np
 
 from ogpsa_jax.data import EncodedPair, pad_batch
 from ogpsa_jax.train.schema import StageConfig
-from ogpsa_jax.train.sharding import place, rows_sharding
+from ogpsa_jax.train.sharding import as_argument, place, rows_sharding, shardings_of
 from ogpsa_jax.train.step import ApplyFn, make_logps_fn
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def reference_logps_table(
     """Reference log-probs of every chosen and rejected row, at ``params``.
 
     Args:
-        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        apply_fn: ``(params, input_ids, attention_mask) -> logits`` (a
+            ``jax.tree_util.Partial`` binding the frozen weights, or a plain function).
         params: the reference weights (the stage's starting weights).
         pairs: the stage's encoded preference pairs.
         stage: the DPO stage config (``batch_size``, ``max_length``, ``loss_type``).
@@ -62,7 +63,11 @@ def reference_logps_table(
     t0 = time.time()
     rows = 2 * stage.batch_size
     rows_sh = rows_sharding(mesh, rows, 2, 0)
-    logps_jit = jax.jit(make_logps_fn(apply_fn, stage), in_shardings=(param_shardings, rows_sh))
+    fn = as_argument(apply_fn)  # its bound arrays (frozen weights) are arguments, not constants
+    logps_jit = jax.jit(
+        lambda f, p, b: make_logps_fn(f, stage)(p, b),
+        in_shardings=(shardings_of(fn), param_shardings, rows_sh),
+    )
     table: dict[bytes, float] = {}
     bs = stage.batch_size
     for start in range(0, len(pairs), bs):
@@ -70,7 +75,7 @@ def reference_logps_table(
         batch_rows = [p.chosen if p else None for p in chunk]
         batch_rows += [p.rejected if p else None for p in chunk]
         batch = pad_batch(batch_rows, stage.max_length, pad_id)
-        lp = np.asarray(jax.device_get(logps_jit(params, place(batch, rows_sh))))
+        lp = np.asarray(jax.device_get(logps_jit(fn, params, place(batch, rows_sh))))
         for r, row in enumerate(batch_rows):
             if row is not None:
                 table[row_key(batch, r)] = float(lp[r])

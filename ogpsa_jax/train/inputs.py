@@ -26,6 +26,8 @@ from ogpsa_jax import data
 from ogpsa_jax.models import DecoderConfig
 from ogpsa_jax.models.gguf import smollm2_path
 from ogpsa_jax.models.hf import hf_tensor_names
+from ogpsa_jax.models.peft import check_peft, is_peft_folder, peft_base_folder
+from ogpsa_jax.train.lora import architecture, check_lora, tokenizer_folder
 from ogpsa_jax.train.schema import StageConfig, TrainConfig, stages_of
 
 logger = logging.getLogger(__name__)
@@ -57,14 +59,22 @@ def resolve_assets(source: str) -> str:
 def model_path(config: TrainConfig) -> str | None:
     """The checked HF folder of ``model.init="hf"`` (None for a random init).
 
+    A PEFT adapter folder is accepted too: the model is then its base with the adapter merged
+    (`ogpsa_jax.train.lora.load_start`); its base folder and the adapter are checked here.
+
     Raises:
-        ValueError: the folder is missing or malformed (see `check_model_folder`).
+        ValueError: the folder is missing or malformed (see `check_model_folder`), or an
+            adapter folder does not fit its base.
     """
     if config.model.init != "hf":
         return None
     if config.model.path == "smollm2":
         return str(smollm2_path())
     path = config.model.path
+    if is_peft_folder(path):
+        check_model_folder(peft_base_folder(path))
+        check_peft(path, architecture(config, path))
+        return path
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"model folder {path!r} not found or has no config.json")
     check_model_folder(path)
@@ -112,7 +122,7 @@ def load_tokenizer(config: TrainConfig, model_path: str | None) -> Any:
     # function-local: transformers takes seconds to import
     from transformers import AutoTokenizer
 
-    name = config.model.tokenizer or model_path
+    name = config.model.tokenizer or tokenizer_folder(model_path)
     if name == "tiny":
         name = resolve_assets("assets:tiny_tokenizer")
     if not name or not os.path.isdir(name):
@@ -174,6 +184,7 @@ def load_inputs(command: str, config: TrainConfig) -> Inputs:
         ValueError: naming the bad model folder, tokenizer, data source, row or field.
     """
     path = model_path(config)
+    check_lora(config, path)
     tok = load_tokenizer(config, path)
     pad_id = data.pad_token_id(tok)
     system = config.model.system_prompt or None

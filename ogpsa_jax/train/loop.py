@@ -9,7 +9,10 @@ small function below; what changes from step to step is one `Carry`, all of it c
 
 Layout: stages "sft" and "dpo" write ``DIR/{config.json, metrics.jsonl, tb/, checkpoints/,
 final/, done.json}``; "sft-dpo" writes the SFT stage under ``DIR/sft/`` and the DPO stage
-(started from, and referenced to, ``DIR/sft/final``) in ``DIR`` itself.
+(started from, and referenced to, ``DIR/sft/final``) in ``DIR`` itself. With LoRA adapters
+``final/`` is a PEFT adapter folder, ``final-merged/`` the full model, ``base/`` the base when it
+is not a folder already (`ogpsa_jax.train.lora`), and the DPO stage of "sft-dpo" trains new
+adapters on ``DIR/sft/final-merged``.
 
 Example:
     >>> from ogpsa_jax.train import preset
@@ -45,6 +48,7 @@ from ogpsa_jax.overrides import to_dict
 from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.dpo_reference import attach_ref_logps
 from ogpsa_jax.train.inputs import Inputs, load_inputs
+from ogpsa_jax.train.lora import export_lora
 from ogpsa_jax.train.metrics import MetricsLog
 from ogpsa_jax.train.run_dir import (
     check_checkpoints,
@@ -53,7 +57,7 @@ from ogpsa_jax.train.run_dir import (
     prepare_output_dir,
     stage_dirs,
 )
-from ogpsa_jax.train.schema import TrainConfig, stages_of, validate
+from ogpsa_jax.train.schema import TrainConfig, lora_config, stages_of, validate
 from ogpsa_jax.train.sharding import place
 from ogpsa_jax.train.stage import Carry, Stage, build_stage
 
@@ -74,7 +78,10 @@ class TrainResult:
     output_dir: str  # the run folder
     step: int  # optimiser steps completed in the last stage that ran
     preempted: bool  # True: stopped by SIGTERM after a checkpoint (rerun to resume)
-    final_dir: str | None  # the exported HF folder of the last stage (None if preempted)
+    final_dir: str | None  # the export of the last stage: an HF folder, with LoRA a PEFT adapter
+    # folder (None if preempted)
+    model_dir: str | None = None  # the trained model as a full HF folder: final_dir, or with
+    # LoRA final-merged/ (None if preempted)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -102,7 +109,7 @@ def _refresh_basis(stage: Stage, carry: Carry) -> dict[str, Any]:
         return {}
     step = carry.step + 1  # the step the new basis is for
     stage.hooks.fault("refresh", step)
-    carry.opt_state, metrics = stage.refresh(carry.params, carry.opt_state)
+    carry.params, carry.opt_state, metrics = stage.refresh(carry.params, carry.opt_state)
     record: dict[str, Any] = {}
     bad = metrics.pop("nonfinite_at")
     if not metrics.pop("basis_finite"):
@@ -176,15 +183,21 @@ def _save(stage: Stage, carry: Carry, manager: Any) -> None:
 
 
 def _export(stage: Stage, carry: Carry, tokenizer: Any, final_dir: str) -> None:
-    """Writes ``final/`` (save_hf + tokenizer files), then ``done.json``."""
-    params = carry.params
+    """Writes ``final/`` (save_hf + tokenizer files; with LoRA, `export_lora`), then
+    ``done.json``."""
+    params, rest = carry.params, stage.rest
     if jax.process_count() > 1:  # every process joins the gather; process 0 writes
         params = multihost_utils.process_allgather(params, tiled=True)
+        rest = multihost_utils.process_allgather(rest, tiled=True)
     if jax.process_index() == 0:
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        models.save_hf(nnx.merge(stage.graphdef, params, stage.rest), final_dir)
-        tokenizer.save_pretrained(final_dir)
+        model = nnx.merge(stage.graphdef, params, rest)
+        if stage.lora is not None:
+            export_lora(model, stage.stage_dir, tokenizer, stage.base_dir)
+        else:
+            if os.path.isdir(final_dir):
+                shutil.rmtree(final_dir)
+            models.save_hf(model, final_dir)
+            tokenizer.save_pretrained(final_dir)
         mark_done(stage.stage_dir, carry.step, carry.skips)
 
 
@@ -203,10 +216,18 @@ def _run_stage(
     step_callback: Callable[[int, dict], None] | None,
 ) -> TrainResult:
     final_dir = os.path.join(stage_dir, "final")
+    lora = lora_config(config.model.lora) is not None
+    model_dir = os.path.join(stage_dir, "final-merged") if lora else final_dir
     done = done_step(stage_dir)
     if done is not None:
         logger.info("%s stage already complete in %s (step %d)", kind, stage_dir, done)
-        return TrainResult(output_dir=stage_dir, step=done, preempted=False, final_dir=final_dir)
+        return TrainResult(
+            output_dir=stage_dir,
+            step=done,
+            preempted=False,
+            final_dir=final_dir,
+            model_dir=model_dir,
+        )
     stage, carry = build_stage(kind, config, inputs, mesh, stage_dir, init_path)
     manager = ckpt.open_manager(
         os.path.join(stage_dir, "checkpoints"), max_to_keep=config.max_to_keep
@@ -241,7 +262,13 @@ def _run_stage(
         manager.close()
     _export(stage, carry, inputs.tokenizer, final_dir)
     logger.info("%s: done after %d steps; model exported to %s", kind, carry.step, final_dir)
-    return TrainResult(output_dir=stage_dir, step=carry.step, preempted=False, final_dir=final_dir)
+    return TrainResult(
+        output_dir=stage_dir,
+        step=carry.step,
+        preempted=False,
+        final_dir=final_dir,
+        model_dir=model_dir,
+    )
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -324,6 +351,6 @@ def train(
             if result.preempted or (stop_flag[0] and kind != stages[-1]):
                 # SIGTERM during a stage's export: stop before the next stage starts.
                 return dataclasses.replace(result, preempted=True, output_dir=output_dir)
-            init_path = result.final_dir
+            init_path = result.model_dir  # with LoRA: new adapters on the merged model
     assert result is not None
     return dataclasses.replace(result, output_dir=output_dir)

@@ -53,8 +53,8 @@ from ogpsa_jax.projection import get_basis, resolve_dims, set_basis
 from ogpsa_jax.train.losses import token_nll
 from ogpsa_jax.train.optimizer import param_mask
 from ogpsa_jax.train.schema import FLAT_METHODS, OGPSAConfig
+from ogpsa_jax.train.sharding import as_argument, rows_sharding, shardings_of
 from ogpsa_jax.train.sharding import place as place_batch
-from ogpsa_jax.train.sharding import rows_sharding
 from ogpsa_jax.train.step import ApplyFn, make_ref_grad_fn
 
 # refresh(params, opt_state) -> (opt_state with the new basis, metrics)
@@ -140,6 +140,7 @@ def make_activation_refresh(
     *,
     place: Callable[[dict], dict] = lambda b: b,
     seed: int = 0,
+    mask: Any = None,
 ) -> Callable[[Any, Any], tuple[Any, dict]]:
     """``refresh(params, opt_state) -> (opt_state with a new activation basis, metrics)``.
 
@@ -151,6 +152,8 @@ def make_activation_refresh(
             ``attention_mask``, ``loss_mask``), all of one shape.
         place: puts a host batch on the devices (e.g. with the rows sharding).
         seed: seed of the row draw (fixed: the same token positions at every refresh).
+        mask: the leaves to estimate a basis for (default: ``param_mask(og.mask)``); the
+            transform's state must project exactly these.
 
     Returns:
         The refresh function. Its metrics: ``ref_loss`` (token-mean NLL of the reference
@@ -168,7 +171,7 @@ def make_activation_refresh(
     if not batches:
         raise ValueError("the activation basis needs at least one reference batch")
     rows = rows_per_batch(og.capture_rows, len(batches))
-    mask = param_mask(og.mask)
+    mask = param_mask(og.mask) if mask is None else mask
     energy = og.energy or None
 
     # Weights that share an input (q/k/v, gate/up) share one captured array inside the jitted
@@ -177,8 +180,8 @@ def make_activation_refresh(
     # to its distinct input (None: not projected); it is filled while tracing.
     layout: dict[str, Any] = {}
 
-    @jax.jit
-    def capture_jit(params: Any, batch: dict, key: jax.Array) -> tuple[list, jax.Array, jax.Array]:
+    @jax.jit  # `rest` is an argument: a closed-over array would be embedded as a constant
+    def capture_jit(rest: Any, params: Any, batch: dict, key: jax.Array) -> tuple:
         model = nnx.merge(graphdef, params, rest)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         cap = capture_inputs(
@@ -214,7 +217,7 @@ def make_activation_refresh(
         t0 = time.perf_counter()
         per_batch, nll, count = [], 0.0, 0.0
         for i, batch in enumerate(batches):
-            distinct, s, c = capture_jit(params, batch, jax.random.fold_in(base_key, i))
+            distinct, s, c = capture_jit(rest, params, batch, jax.random.fold_in(base_key, i))
             per_batch.append(distinct)
             nll, count = nll + float(s), count + float(c)
         index, treedef = layout["index"], layout["treedef"]
@@ -258,11 +261,11 @@ def make_activation_refresh(
     return refresh
 
 
-def _finite_basis(og: OGPSAConfig, grads: list) -> tuple[Any, jax.Array, jax.Array]:
+def _finite_basis(og: OGPSAConfig, mask: Any, grads: list) -> tuple[Any, jax.Array, jax.Array]:
     """(basis, all finite, per-leaf finiteness of the reference gradients)."""
     energy = og.energy or None
     if og.method == "gradient":
-        basis = matrix_basis_from_gradients(grads, k=og.k, energy=energy, mask=param_mask(og.mask))
+        basis = matrix_basis_from_gradients(grads, k=og.k, energy=energy, mask=mask)
     else:
         basis = capability_basis(grads, k=og.k, method=og.method, energy=energy)
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(basis)]))
@@ -282,15 +285,19 @@ def make_gradient_refresh(
     groups: Sequence[Sequence[dict]],
     param_shardings: Any,
     mesh: jax.sharding.Mesh,
+    *,
+    mask: Any = None,
 ) -> Refresh:
     """The refresh of a basis estimated from reference gradients (flat methods, ``gradient``).
 
     Args:
-        apply_fn: ``(params, input_ids, attention_mask) -> logits``.
+        apply_fn: ``(params, input_ids, attention_mask) -> logits``; passed to the jitted
+            gradient as an argument (`as_argument`): a Partial's bound arrays stay inputs.
         og: the stage's OGPSA config (``method``, ``k``, ``energy``, ``mask``).
         groups: reference sets, each a list of host batches, all of one shape.
         param_shardings: the parameters' shardings.
         mesh: the training mesh.
+        mask: ``gradient``: the leaves with a basis (default ``param_mask(og.mask)``).
 
     Returns:
         The refresh function. Its metrics: ``ref_loss`` (token-mean NLL of the reference set),
@@ -308,14 +315,16 @@ def make_gradient_refresh(
     replicated = NamedSharding(mesh, P())
     rows_sh = rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
     groups = [[place_batch(b, rows_sh) for b in group] for group in groups]
+    fn = as_argument(apply_fn)
     grad_jit = jax.jit(
-        make_ref_grad_fn(apply_fn),
-        in_shardings=(param_shardings, rows_sh),
+        lambda f, p, b: make_ref_grad_fn(f)(p, b),
+        in_shardings=(shardings_of(fn), param_shardings, rows_sh),
         out_shardings=(param_shardings, replicated, replicated),
     )
     add_jit = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
     scale_jit = jax.jit(lambda a, s: jax.tree.map(lambda x: x * s, a), donate_argnums=0)
-    basis_jit = jax.jit(partial(_finite_basis, og), out_shardings=None)
+    mask = param_mask(og.mask) if mask is None else mask
+    basis_jit = jax.jit(partial(_finite_basis, og, mask), out_shardings=None)
     per_batch = og.method in ("svd", "gradient")
 
     def reference_grads(params: Any) -> tuple[list, float, float]:
@@ -323,7 +332,7 @@ def make_gradient_refresh(
         for group in groups:
             acc, n = None, 0.0
             for b in group:
-                g, s, c = grad_jit(params, b)
+                g, s, c = grad_jit(fn, params, b)
                 nll, c = nll + float(s), float(c)
                 count += c
                 if per_batch:
@@ -365,6 +374,7 @@ def make_refresh(
     param_shardings: Any,
     mesh: jax.sharding.Mesh,
     seed: int,
+    mask: Any = None,
 ) -> Refresh | None:
     """The stage's refresh for its OGPSA method; None with OGPSA off.
 
@@ -377,6 +387,7 @@ def make_refresh(
         param_shardings: the parameters' shardings.
         mesh: the training mesh.
         seed: the run's seed (the activation method's row draw).
+        mask: matrix methods: the leaves with a basis (default ``param_mask(og.mask)``).
 
     Returns:
         `make_activation_refresh` or `make_gradient_refresh` for ``og.method``, or None.
@@ -385,7 +396,8 @@ def make_refresh(
         return None
     if og.method == "activation":  # GPM: the layers' inputs, not gradients
         rows_sh = rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
+        place = lambda b: place_batch(b, rows_sh)  # noqa: E731
         return make_activation_refresh(
-            graphdef, rest, og, groups, place=lambda b: place_batch(b, rows_sh), seed=seed
+            graphdef, rest, og, groups, place=place, seed=seed, mask=mask
         )
-    return make_gradient_refresh(apply_fn, og, groups, param_shardings, mesh)
+    return make_gradient_refresh(apply_fn, og, groups, param_shardings, mesh, mask=mask)

@@ -1,7 +1,8 @@
 """The training configuration: frozen kw-only dataclasses with a comment per field, and `validate`.
 
 `TrainConfig` holds a run (one or two stages); `StageConfig` one stage (SFT or DPO) with its
-`OGPSAConfig`; `ModelConfig` the model. Presets are functions returning a `TrainConfig`
+`OGPSAConfig`; `ModelConfig` the model, with its `LoRASettings` (``model.lora``: rank 0 trains
+every weight, rank >= 1 only low-rank adapters). Presets are functions returning a `TrainConfig`
 (`ogpsa_jax.train.presets`); `dataclasses.replace`, or `ogpsa_jax.overrides.apply_overrides`
 with dotted ``field=value`` strings, derives variants. `validate` checks types, ranges, choices
 and the mesh before any compute, so a bad value never touches the output folder.
@@ -22,11 +23,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ogpsa_jax import overrides
+from ogpsa_jax.models.lora import TARGETS, LoRAConfig
 from ogpsa_jax.projection import ogpsa_matrix
 
 METHODS = ("gram_schmidt", "svd", "gradient", "activation")
 FLAT_METHODS = ("gram_schmidt", "svd")
 MATRIX_METHODS = ("gradient", "activation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRASettings:
+    """LoRA adapters (fields ``model.lora.*``): with rank >= 1 only the adapters train."""
+
+    # Adapter rank r: 0 = no adapters (every weight trains), >= 1 = train only the adapters
+    # (the base weights are frozen: no gradients, no optimizer state).
+    rank: int = 0
+    # Scaling numerator: the update is (alpha / rank) * (x @ A) @ B (alpha / sqrt(rank) with
+    # use_rslora).
+    alpha: float = 16.0
+    # Adapted projections, of q, k, v, o, gate, up, down (e.g. "q,v").
+    targets: tuple[str, ...] = tuple(TARGETS)
+    # Rank-stabilised scaling alpha / sqrt(rank).
+    use_rslora: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +73,8 @@ class ModelConfig:
     attention_chunk: int = -1
     # Optional system prompt put in every rendered conversation ("" = the template's default).
     system_prompt: str = ""
+    # LoRA adapters (rank 0 = none: full fine-tuning).
+    lora: LoRASettings = field(default_factory=LoRASettings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +110,10 @@ class OGPSAConfig:
     # activation only: keep the previous basis and add the new input directions to it (GPM's
     # accumulation) instead of replacing it; needs energy > 0 to leave room for new directions.
     union: bool = False
+    # LoRA with a matrix method: B is kept off the directions x @ A of protected inputs x larger
+    # than lora_tol * ||A||_2 (0 = all above float32 round-off: exact; B may stop moving after
+    # a refresh that rotates the basis), in [0, 1).
+    lora_tol: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +255,10 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
         )
     if not 0.0 <= og.energy <= 1.0:
         raise ValueError(f"config field '{name}.ogpsa.energy' must be in [0, 1], got {og.energy}")
+    if not 0.0 <= og.lora_tol < 1.0:
+        raise ValueError(
+            f"config field '{name}.ogpsa.lora_tol' must be in [0, 1), got {og.lora_tol}"
+        )
     for f in ("refresh_every", "reference_rows", "reference_batch_size", "capture_rows"):
         pos(f"ogpsa.{f}", getattr(og, f))
     if og.union and og.method != "activation":
@@ -244,6 +272,36 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
             ogpsa_matrix(og.k, conflict_only=og.conflict_only)
         except ValueError as e:
             raise ValueError(f"config field '{name}.ogpsa.conflict_only': {e}") from None
+
+
+def lora_config(settings: LoRASettings) -> LoRAConfig | None:
+    """The adapters' `LoRAConfig` of ``model.lora`` (None for rank 0: no adapters).
+
+    Raises:
+        ValueError: naming the field: rank < 0, alpha <= 0, unknown, repeated or no targets.
+
+    Example:
+        >>> lora_config(LoRASettings(rank=4, targets=("q", "v"))).scaling
+        4.0
+        >>> lora_config(LoRASettings()) is None
+        True
+    """
+    if settings.rank < 0:
+        raise ValueError(
+            f"config field 'model.lora.rank' must be >= 0 (0 = no adapters), got {settings.rank}"
+        )
+    if settings.rank == 0:
+        return None
+    try:
+        return LoRAConfig(
+            rank=settings.rank,
+            alpha=settings.alpha,
+            targets=settings.targets,
+            use_rslora=settings.use_rslora,
+        )
+    except ValueError as e:
+        field_name = "alpha" if "alpha" in str(e) else "targets"
+        raise ValueError(f"config field 'model.lora.{field_name}': {e}") from None
 
 
 def stages_of(command: str) -> tuple[str, ...]:
@@ -317,6 +375,7 @@ def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int,
             f"config field 'model.scan_unroll' must be >= 0 (0 = unroll every layer), "
             f"got {config.model.scan_unroll}"
         )
+    lora_config(config.model.lora)
     if config.model.attention_chunk < -1:
         raise ValueError(
             f"config field 'model.attention_chunk' must be >= -1 (-1 = auto, 0 = one block), "

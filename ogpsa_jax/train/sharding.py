@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -94,6 +94,34 @@ def place(batch: Mapping[str, np.ndarray], shardings: Any) -> dict[str, jax.Arra
     if isinstance(shardings, NamedSharding):
         return {k: one(v, shardings) for k, v in batch.items()}
     return {k: one(v, shardings[k]) for k, v in batch.items()}
+
+
+def shardings_of(tree: Any) -> Any:
+    """The sharding of every array of ``tree``, in its structure (for ``in_shardings``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> type(shardings_of({"w": jnp.zeros(2)})["w"]).__name__
+        'SingleDeviceSharding'
+    """
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def as_argument(fn: Callable) -> jax.tree_util.Partial:
+    """``fn`` as a pytree to pass to a jitted function as an argument.
+
+    A jitted function embeds the arrays it closes over in its program as constants (for the
+    frozen base weights of LoRA training: the whole model). Passed as an argument instead, a
+    ``jax.tree_util.Partial``'s bound arrays are inputs of the program; a plain function binds
+    none and passes through unchanged.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = as_argument(jax.tree_util.Partial(jnp.add, jnp.ones(2)))
+        >>> jax.jit(lambda f, x: f(x))(f, jnp.ones(2))
+        Array([2., 2.], dtype=float32)
+    """
+    return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
 
 
 def opt_shardings(abstract_opt: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:

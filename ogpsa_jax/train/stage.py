@@ -3,8 +3,13 @@
 `build_stage` makes the stage's data iterator, its sharded model, the optimiser (the public
 alias, `ogpsa_jax.train.optimizer`) and its state, the DPO reference (a frozen copy or a table
 of log-probs), the jitted train step with explicit shardings and donation, and the basis
-refresh, into one `Stage`; the weights, optimiser state, RNG and counters go into a `Carry`,
-which the loop updates step by step and checkpoints whole.
+refresh, into one `Stage`; the trainable weights, optimiser state, RNG and counters go into a
+`Carry`, which the loop updates step by step and checkpoints whole.
+
+The trainable weights are every `nnx.Param`, or, with LoRA adapters (``model.lora.rank >= 1``),
+the adapters' `LoRAParam` alone (`ogpsa_jax.train.lora`): the frozen rest of the model is then
+bound to the model function (a ``jax.tree_util.Partial``) that every jitted program takes as an
+argument, so it is neither differentiated, nor in the optimiser state, nor embedded in a program.
 
 Example:
     >>> stage, carry = build_stage("sft", config, inputs, mesh, "runs/r", None)  # doctest: +SKIP
@@ -15,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +38,16 @@ from ogpsa_jax.data import Batches, bucket_lengths
 from ogpsa_jax.train import hooks as train_hooks
 from ogpsa_jax.train.dpo_reference import reference_logps_table
 from ogpsa_jax.train.inputs import Inputs
+from ogpsa_jax.train.lora import base_folder, load_start
+from ogpsa_jax.train.lora_refresh import make_lora_refresh
 from ogpsa_jax.train.optimizer import Optimizer, make_optimizer, make_schedule
-from ogpsa_jax.train.refresh import Refresh, make_refresh
-from ogpsa_jax.train.schema import StageConfig, TrainConfig
-from ogpsa_jax.train.sharding import batch_shardings, opt_shardings
+from ogpsa_jax.train.refresh import make_refresh
+from ogpsa_jax.train.schema import MATRIX_METHODS, StageConfig, TrainConfig, lora_config
+from ogpsa_jax.train.sharding import batch_shardings, opt_shardings, shardings_of
 from ogpsa_jax.train.step import dpo_micro_loss, make_train_step, sft_micro_loss
+
+# refresh(params, opt_state) -> (params, opt_state, metrics): a LoRA refresh may change params
+StageRefresh = Callable[[Any, Any], tuple[Any, Any, dict]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,16 +59,18 @@ class Stage:
     stage_dir: str
     total: int  # optimiser steps of the stage
     batches: Batches  # the data iterator (its position is checkpointed)
-    graphdef: Any  # the decoder's graph; `rest` its non-parameter state
+    graphdef: Any  # the decoder's graph; `rest` its state besides the trainable weights
     rest: Any
     schedule: optax.Schedule
     step_fn: Callable  # jitted (params, opt_state, batch, ref_params) -> (..., metrics)
     batch_shardings: dict[str, NamedSharding]
     ref_params: Any  # frozen DPO reference weights (dpo_reference="model"), else None
     ref_table: dict[bytes, float] | None  # precomputed DPO reference log-probs, else None
-    refresh: Refresh | None  # the basis refresh (None: OGPSA off)
+    refresh: StageRefresh | None  # the basis refresh (None: OGPSA off)
     paths: list[str]  # parameter leaf paths, to name a non-finite leaf
     hooks: train_hooks.Hooks
+    lora: models.LoRAConfig | None  # the adapters trained (None: every weight trains)
+    base_dir: str | None  # LoRA: the HF folder of the base (None: the export writes base/)
 
     @property
     def st(self) -> StageConfig:
@@ -69,7 +82,7 @@ class Stage:
 class Carry:
     """What changes from step to step; all of it is in every checkpoint."""
 
-    params: Any
+    params: Any  # the trainable weights (all parameters, or the LoRA adapters)
     opt_state: Any
     rng: Any  # uint32 key data
     step: int = 0  # optimiser steps done
@@ -98,10 +111,11 @@ def _make_batches(kind: str, config: TrainConfig, inputs: Inputs) -> tuple[Batch
 
 
 def _make_model(config: TrainConfig, inputs: Inputs, mesh: Any, init_path: str | None) -> Any:
-    """The sharded decoder: loaded from ``init_path`` or freshly initialised."""
+    """The sharded decoder: loaded from ``init_path`` or freshly initialised, with fresh LoRA
+    adapters (B = 0: the same function) when ``model.lora.rank >= 1``."""
     dtype, param_dtype = jnp.dtype(config.model.dtype), jnp.dtype(config.model.param_dtype)
     if init_path is not None:
-        model = models.load_hf(init_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        model = load_start(init_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     else:
         tok, arch = inputs.tokenizer, config.model.arch
         if arch == "tiny":
@@ -117,10 +131,42 @@ def _make_model(config: TrainConfig, inputs: Inputs, mesh: Any, init_path: str |
         model = models.init_random(
             cfg, seed=config.seed, dtype=dtype, param_dtype=param_dtype, mesh=mesh
         )
+    lora = lora_config(config.model.lora)
+    if lora is not None:
+        model = models.add_lora(model, lora, seed=config.seed)
     # How the forward runs (not what it computes): plain attributes of the decoder.
     model.scan_unroll = config.model.scan_unroll
     model.attention_chunk = config.model.attention_chunk
     return model
+
+
+def _apply(graphdef: Any, frozen_layers: int, rest: Any, p: Any, ids: Any, attn: Any) -> Any:
+    return nnx.merge(graphdef, p, rest)(ids, attn, frozen_layers=frozen_layers)
+
+
+def model_function(graphdef: Any, rest: Any, frozen_layers: int = 0) -> jax.tree_util.Partial:
+    """The decoder as ``apply_fn(params, input_ids, attention_mask) -> logits`` of its
+    trainable state, with the rest of its state (with LoRA: the frozen base weights) bound as a
+    ``jax.tree_util.Partial``: passed to a jitted function as an argument, the rest is an input
+    of the program, never a constant embedded in it.
+
+    Args:
+        graphdef: from ``nnx.split(model, trainable_filter, ...)``.
+        rest: the state that split leaves over.
+        frozen_layers: the bottom layers run without gradients.
+
+    Returns:
+        The model function (a pytree whose leaves are ``rest``'s arrays).
+
+    Example:
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> graphdef, params, rest = nnx.split(init_random(tiny_config()), nnx.Param, ...)
+        >>> apply_fn = model_function(graphdef, rest)
+        >>> forward = jax.jit(lambda f, p, ids: f(p, ids, None))
+        >>> forward(apply_fn, params, jnp.ones((1, 3), int)).shape
+        (1, 3, 97)
+    """
+    return jax.tree_util.Partial(functools.partial(_apply, graphdef, frozen_layers), rest)
 
 
 def _init_opt_state(optimizer: Optimizer, params: Any, mesh: Any) -> tuple[Any, Any]:
@@ -129,16 +175,21 @@ def _init_opt_state(optimizer: Optimizer, params: Any, mesh: Any) -> tuple[Any, 
     return jax.jit(optimizer.init, out_shardings=opt_sh)(params), opt_sh
 
 
-def _loss_and_reference(
+def _micro_loss(kind: str, st: StageConfig, hooks: train_hooks.Hooks, apply_fn: Any) -> Any:
+    """The stage's micro-batch loss of a model function (inside the jitted step)."""
+    loss = sft_micro_loss(apply_fn) if kind == "sft" else dpo_micro_loss(apply_fn, st)
+    return hooks.wrap_loss(loss)
+
+
+def _reference(
     kind: str, st: StageConfig, apply_fn: Any, params: Any, inputs: Inputs, mesh: Any
-) -> tuple[Any, Any, dict[bytes, float] | None]:
-    """The micro-batch loss and, for DPO, its reference: frozen weights or a log-prob table."""
+) -> tuple[Any, dict[bytes, float] | None]:
+    """The DPO reference, the stage's starting point: a copy of the trainable weights (with
+    LoRA, of the adapters alone: the frozen base is shared) or a log-prob table."""
     if kind == "sft":
-        return sft_micro_loss(apply_fn), None, None
-    micro_loss = dpo_micro_loss(apply_fn, st)
+        return None, None
     if st.dpo_reference == "model":
-        return micro_loss, jax.tree.map(jnp.copy, params), None
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
+        return jax.tree.map(jnp.copy, params), None
     table = reference_logps_table(
         apply_fn,
         params,
@@ -146,13 +197,14 @@ def _loss_and_reference(
         st,
         inputs.pad_id,
         mesh=mesh,
-        param_shardings=param_sh,
+        param_shardings=shardings_of(params),
     )
-    return micro_loss, None, table
+    return None, table
 
 
 def _jit_step(
-    micro_loss: Any,
+    micro_loss_of: Callable[[Any], Any],
+    apply_fn: jax.tree_util.Partial,
     optimizer: Optimizer,
     mesh: Any,
     batch_sh: dict[str, NamedSharding],
@@ -160,14 +212,60 @@ def _jit_step(
     opt_sh: Any,
     with_ref_params: bool,
 ) -> Callable:
-    """The train step jitted with explicit shardings, (params, opt_state) donated."""
+    """The train step jitted with explicit shardings, (params, opt_state) donated; the model
+    function (and the frozen weights it binds) is an argument, bound here."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(
-        make_train_step(micro_loss, optimizer),
-        in_shardings=(param_sh, opt_sh, batch_sh, param_sh if with_ref_params else None),
+
+    def step(fn: Any, params: Any, opt_state: Any, batch: dict, ref_params: Any) -> Any:
+        return make_train_step(micro_loss_of(fn), optimizer)(params, opt_state, batch, ref_params)
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(
+            shardings_of(apply_fn),
+            param_sh,
+            opt_sh,
+            batch_sh,
+            param_sh if with_ref_params else None,
+        ),
         out_shardings=(param_sh, opt_sh, replicated),
-        donate_argnums=(0, 1),
+        donate_argnums=(1, 2),
     )
+    return functools.partial(jitted, apply_fn)
+
+
+def _make_stage_refresh(
+    st: StageConfig,
+    lora: Any,
+    apply_fn: Any,
+    graphdef: Any,
+    rest: Any,
+    groups: list,
+    params: Any,
+    mesh: Any,
+    seed: int,
+) -> StageRefresh | None:
+    """The basis refresh of the stage (the LoRA one for adapters with a matrix method)."""
+
+    def inner(mask: Any = None) -> Any:
+        return make_refresh(
+            st.ogpsa,
+            apply_fn=apply_fn,
+            graphdef=graphdef,
+            rest=rest,
+            groups=groups,
+            param_shardings=shardings_of(params),
+            mesh=mesh,
+            seed=seed,
+            mask=mask,
+        )
+
+    if not st.ogpsa.enabled:
+        return None
+    if lora is not None and st.ogpsa.method in MATRIX_METHODS:
+        return make_lora_refresh(st.ogpsa, inner, params, mesh)
+    refresh = inner()
+    return lambda p, opt_state: (p, *refresh(p, opt_state))
 
 
 def build_stage(
@@ -198,25 +296,24 @@ def build_stage(
     hooks = train_hooks.active()
     batches, total = _make_batches(kind, config, inputs)
     model = _make_model(config, inputs, mesh, init_path)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    lora = model.lora
+    graphdef, params, rest = nnx.split(model, models.LoRAParam if lora else nnx.Param, ...)
     del model
-    frozen = config.model.frozen_layers
-
-    def apply_fn(p: Any, ids: jax.Array, attn: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, p, rest)(ids, attn, frozen_layers=frozen)
-
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    apply_fn = model_function(graphdef, rest, config.model.frozen_layers)
+    param_sh = shardings_of(params)
     optimizer = make_optimizer(st, total)
     opt_state, opt_sh = _init_opt_state(optimizer, params, mesh)
-    micro_loss, ref_params, table = _loss_and_reference(kind, st, apply_fn, params, inputs, mesh)
+    ref_params, table = _reference(kind, st, apply_fn, params, inputs, mesh)
     # [A, rows, L] token arrays, [A, rows] reference log-probs, [A] extra inputs of the hooks
     ranks = {"input_ids": 3, "attention_mask": 3, "loss_mask": 3}
     ranks.update({"ref_logps": 2} if table is not None else {})
     ranks.update({name: 1 for name in hooks.extra_inputs(0)})
     rows = st.batch_size * (2 if kind == "dpo" else 1)
     batch_shs = batch_shardings(mesh, rows, ranks)
+    micro_loss_of = functools.partial(_micro_loss, kind, st, hooks)
     step_fn = _jit_step(
-        hooks.wrap_loss(micro_loss),
+        micro_loss_of,
+        apply_fn,
         optimizer,
         mesh,
         batch_shs,
@@ -224,15 +321,9 @@ def build_stage(
         opt_sh,
         with_ref_params=ref_params is not None,
     )
-    refresh = make_refresh(
-        st.ogpsa,
-        apply_fn=apply_fn,
-        graphdef=graphdef,
-        rest=rest,
-        groups=inputs.ref_groups.get(kind, []),
-        param_shardings=param_sh,
-        mesh=mesh,
-        seed=config.seed,
+    groups = inputs.ref_groups.get(kind, [])
+    refresh = _make_stage_refresh(
+        st, lora, apply_fn, graphdef, rest, groups, params, mesh, config.seed
     )
     stage = Stage(
         kind=kind,
@@ -250,6 +341,8 @@ def build_stage(
         refresh=refresh,
         paths=leaf_paths(params),
         hooks=hooks,
+        lora=lora,
+        base_dir=base_folder(init_path) if lora else None,
     )
     rng = jax.random.key_data(jax.random.key(config.seed))
     return stage, Carry(params=params, opt_state=opt_state, rng=rng)
