@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,9 @@ _HUB_DEFAULTS: dict[str, dict[str, str]] = {
     "pminervini/HaluEval": {"name": "qa", "sft": "data", "prefs": "data"},
 }
 _FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Extensions that make a missing `org/name.ext` a missing file rather than a hub id.
+_DATA_SUFFIXES = (*_FILE_FORMATS, ".txt", ".csv", ".tsv", ".gz", ".zst")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 Source = str | os.PathLike | Sequence[Mapping[str, Any]] | Any  # Any: a datasets.Dataset
 
@@ -210,28 +214,31 @@ def _detect_schema(columns: Iterable[str], name: str) -> str:
     )
 
 
+def _json_lines(path: pathlib.Path, text: str) -> list[tuple[int | None, Any]]:
+    lines = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            lines.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: row {len(lines)} (line {lineno}): unreadable JSON: {e.msg}"
+            ) from None
+    return lines
+
+
 def _read_rows_by_hand(path: pathlib.Path) -> list[dict[str, Any]]:
-    """Parses a JSON/JSONL file line by line to name the first unreadable row."""
+    """Parses a JSON list or JSON-lines file by hand to name the first unreadable row."""
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
+    if not text.lstrip().startswith("["):
+        lines = _json_lines(path, text)
+    else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: unreadable JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         lines = [(None, r) for r in data]
-    else:
-        lines = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}: row {len(lines)} (line {lineno}): unreadable JSON: {e.msg}"
-                ) from None
     rows = []
     for i, (lineno, row) in enumerate(lines):
         if not isinstance(row, dict):
@@ -241,17 +248,77 @@ def _read_rows_by_hand(path: pathlib.Path) -> list[dict[str, Any]]:
     return rows
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """True for a string shaped like a Hugging Face data set id, ``org/name``.
+
+    Only a string that is not an existing local path is ever taken for a hub id; this decides
+    whether a missing one is a hub id or a missing file (a data-file extension, a leading
+    ``/``, ``.`` or ``~``, or more than one ``/`` make it a path).
+
+    Example:
+        >>> looks_like_hub_id("PKU-Alignment/PKU-SafeRLHF"), looks_like_hub_id("data/x.jsonl")
+        (True, False)
+    """
+    return bool(_HUB_ID.fullmatch(source)) and pathlib.Path(source).suffix not in _DATA_SUFFIXES
+
+
+def source_kind(source: str | os.PathLike) -> str:
+    """Where a data source string points: ``"file"``, ``"folder"`` (both local) or ``"hub"``.
+
+    Args:
+        source: a local path (any extension) or a hub id ``org/name``.
+
+    Returns:
+        ``"file"`` or ``"folder"`` for an existing local path, else ``"hub"``.
+
+    Raises:
+        ValueError: the string is neither an existing path nor shaped like a hub id (a missing
+            local file, named).
+
+    Example:
+        >>> source_kind(assets_path("general.jsonl")), source_kind("org/name")
+        ('file', 'hub')
+    """
+    path = pathlib.Path(os.fspath(source)).expanduser()
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        return "folder"
+    if looks_like_hub_id(os.fspath(source)):
+        return "hub"
+    raise ValueError(
+        f"{os.fspath(source)}: no such file or folder (a Hugging Face data set id looks like "
+        "'org/name')"
+    )
+
+
+def _local_format(path: pathlib.Path) -> str:
+    """``"parquet"`` or ``"json"`` (a JSON list or JSON lines), by extension or content."""
+    if path.suffix in _FILE_FORMATS:
+        return _FILE_FORMATS[path.suffix]
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    start = head.lstrip()[:40].decode("utf-8", errors="replace")
+    raise ValueError(
+        f"{path}: not a JSON-lines, JSON or Parquet file (it starts with {start!r}); the "
+        "accepted formats are in docs/data.md"
+    )
+
+
 def _open(
     source: Source, split: str | None, name: str | None, kind: str
 ) -> tuple[str, Iterable[Mapping[str, Any]], list[str], Callable[[], list[dict]] | None]:
     """Returns (display name, rows, column names, by-hand re-reader for a local JSON file)."""
-    if isinstance(source, (str, os.PathLike)) and pathlib.Path(source).suffix in _FILE_FORMATS:
-        path = pathlib.Path(source)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such file")
+    where = source_kind(source) if isinstance(source, (str, os.PathLike)) else None
+    if where == "file":
+        path = pathlib.Path(os.fspath(source)).expanduser()
         import datasets
 
-        fmt = _FILE_FORMATS[path.suffix]
+        fmt = _local_format(path)
         reread = (lambda: _read_rows_by_hand(path)) if fmt == "json" else None
         try:
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
@@ -262,10 +329,10 @@ def _open(
             cols = sorted({k for r in rows for k in r})
             return str(path), rows, cols, None
         return str(path), ds, list(ds.column_names), reread
-    if isinstance(source, (str, os.PathLike)):
+    if where is not None:  # a local folder of data files, or a hub id
         import datasets
 
-        source = str(source)
+        source = str(pathlib.Path(os.fspath(source)).expanduser()) if where == "folder" else source
         defaults = _HUB_DEFAULTS.get(source, {})
         split = split or defaults.get(kind, "train")
         name = name or defaults.get("name")
