@@ -21,9 +21,12 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(data.assets_path("tiny_tokenizer"))
 
 
-def model_folder(path, *, vocab_size=None, seed=123, with_tokenizer=True):
-    """A tiny HF folder (random weights of ``seed``) with the shipped tokenizer's files."""
+def model_folder(path, *, vocab_size=None, seed=123, with_tokenizer=True, extra_token=False):
+    """A tiny HF folder (random weights of ``seed``) with the shipped tokenizer's files (plus
+    one token of its own with ``extra_token``, to tell it from the shipped tokenizer)."""
     tok = tokenizer()
+    if extra_token:
+        tok.add_tokens(["<|folder_token|>"])
     cfg = models.tiny_config(vocab_size=vocab_size or len(tok))
     models.save_hf(models.init_random(cfg, seed=seed, dtype=jnp.float32), path)
     if with_tokenizer:
@@ -67,7 +70,7 @@ def test_folder_without_tokenizer_files_or_chat_template(tmp_path, capsys):
 def trained(tmp_path_factory):
     """A run started from a model folder given by `model.path` alone, learning rate 0."""
     root = tmp_path_factory.mktemp("models")
-    folder = model_folder(root / "start")
+    folder = model_folder(root / "start", extra_token=True)
     out = root / "run"
     args = ["--set", f"model.path={folder}", "--set", "sft.learning_rate=0", "--max-steps", "2"]
     assert train(out, *args) == 0
@@ -85,7 +88,9 @@ def test_model_path_alone_selects_the_folder_and_its_tokenizer(trained):
     assert sorted(start) == sorted(final)
     for name in start:
         np.testing.assert_array_equal(final[name], start[name], err_msg=name)
-    assert (out / "final" / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
+    # the folder's own tokenizer (one token more than the shipped one), not the shipped one
+    assert "<|folder_token|>" in (out / "final" / "tokenizer.json").read_text()
+    assert len(AutoTokenizer.from_pretrained(out / "final")) == len(tokenizer()) + 1
     assert json.loads((out / "config.json").read_text())["config"]["model"]["path"] == str(folder)
 
 
