@@ -285,7 +285,7 @@ def test_dpo_from_the_sft_peft_folder_equals_the_sft_dpo_stage(sft_dpo_run, tmp_
     """``model.path`` = a PEFT folder starts from its base with the adapter merged: the same
     start as the DPO stage of sft-dpo (here with the reference as a frozen adapter copy)."""
     out, _ = sft_dpo_run
-    extra = ["model.init=hf", f"model.path={out / 'sft' / 'final'}", "model.tokenizer="]
+    extra = [f"model.path={out / 'sft' / 'final'}", "model.tokenizer="]
     cfg = apply_overrides(preset("tiny"), [*SFT_DPO, *extra, "dpo.dpo_reference=model"])
     run = tmp_path / "dpo"
     result = train("dpo", cfg, run)
@@ -411,14 +411,14 @@ def test_bad_adapter_folders_are_named_before_compute(tiny_adapter, tmp_path, ca
     ]
     for path, message in cases:
         out = tmp_path / "never"
-        args = ["model.init=hf", f"model.path={path}", "model.lora.rank=2"]
+        args = [f"model.path={path}", "model.lora.rank=2"]
         assert cli(out, *(x for a in args for x in ("--set", a))) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
         assert re.search(message, err), (message, err)
         assert not out.exists()
     # A rank too large for the adapter folder's base (64 x 32 k_proj) is named as well.
     out = tmp_path / "never"
-    args = ["model.init=hf", f"model.path={tiny_adapter / 'adapter'}", "model.lora.rank=40"]
+    args = [f"model.path={tiny_adapter / 'adapter'}", "model.lora.rank=40"]
     assert cli(out, *(x for a in args for x in ("--set", a))) == EXIT_BAD_INPUT
     assert "exceeds target 'k'" in capsys.readouterr().err and not out.exists()
 

@@ -26,10 +26,11 @@ from experiments.demo.data import TrainingData
 from ogpsa_jax.experiment import targets
 from ogpsa_jax.experiment.timing import PhaseClock
 from ogpsa_jax.train import (
+    DPOConfig,
     LoRASettings,
     ModelConfig,
     OGPSAConfig,
-    StageConfig,
+    SFTConfig,
     TrainConfig,
     train,
 )
@@ -77,7 +78,7 @@ def stage_train_config(
         reference_batch_size=config.reference_batch,
         capture_rows=config.gpm_rows,
     )
-    st = StageConfig(
+    common = dict(
         data=data,
         epochs=math.ceil(steps * batch / max(n_rows, 1)) + 1,
         max_steps=steps,
@@ -86,12 +87,11 @@ def stage_train_config(
         max_length=config.max_length,
         learning_rate=lr,
         schedule="cosine",
-        beta=config.dpo_beta,
         ogpsa=og,
     )
+    st = SFTConfig(**common) if sft else DPOConfig(**common, beta=config.dpo_beta)
     tokenizer = "" if config.model == "smollm2" else model_dir
     model = ModelConfig(
-        init="hf",
         path=model_dir,
         tokenizer=tokenizer,
         dtype=config.dtype,

@@ -98,12 +98,12 @@ def check_lora(config: TrainConfig, model_path: str | None) -> None:
                 )
 
 
-def tokenizer_folder(model_path: str | None) -> str | None:
+def adapter_tokenizer_folder(model_path: str | None) -> str | None:
     """Where the tokenizer of a model folder is: the folder itself, or, for an adapter folder
     without tokenizer files, its base folder.
 
     Example:
-        >>> tokenizer_folder(None) is None
+        >>> adapter_tokenizer_folder(None) is None
         True
     """
     if model_path is None or not is_peft_folder(model_path):
@@ -183,5 +183,5 @@ __all__ = [
     "check_lora",
     "export_lora",
     "load_start",
-    "tokenizer_folder",
+    "adapter_tokenizer_folder",
 ]

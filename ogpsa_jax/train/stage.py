@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from ogpsa_jax import models
 from ogpsa_jax._tree import leaf_paths
 from ogpsa_jax.data import Batches, bucket_lengths
 from ogpsa_jax.train import hooks as train_hooks
+from ogpsa_jax.train.budget import stage_budget
 from ogpsa_jax.train.dpo_reference import reference_logps_table
 from ogpsa_jax.train.inputs import Inputs
 from ogpsa_jax.train.lora import base_folder, load_start
@@ -48,6 +50,7 @@ from ogpsa_jax.train.step import dpo_micro_loss, make_train_step, sft_micro_loss
 
 # refresh(params, opt_state) -> (params, opt_state, metrics): a LoRA refresh may change params
 StageRefresh = Callable[[Any, Any], tuple[Any, Any, dict]]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +94,9 @@ class Carry:
 
 
 def _make_batches(kind: str, config: TrainConfig, inputs: Inputs) -> tuple[Batches, int]:
-    """The stage's data iterator and its number of optimiser steps."""
+    """The stage's data iterator and its number of optimiser steps (`stage_budget`)."""
     st: StageConfig = getattr(config, kind)
+    total = stage_budget(kind, st, len(inputs.encoded[kind])).total
     batches = Batches(
         inputs.encoded[kind],
         batch_size=st.batch_size,
@@ -100,14 +104,7 @@ def _make_batches(kind: str, config: TrainConfig, inputs: Inputs) -> tuple[Batch
         buckets=bucket_lengths(st.max_length),
         seed=config.seed,
     )
-    per_epoch = batches.steps_per_epoch(st.accum_steps)
-    if per_epoch < 1:
-        raise ValueError(
-            f"{kind}: {len(inputs.encoded[kind])} examples are fewer than one optimiser step "
-            f"(batch_size {st.batch_size} x accum_steps {st.accum_steps})"
-        )
-    total = st.epochs * per_epoch
-    return batches, min(total, st.max_steps) if st.max_steps else total
+    return batches, total
 
 
 def _make_model(config: TrainConfig, inputs: Inputs, mesh: Any, init_path: str | None) -> Any:
@@ -190,6 +187,10 @@ def _reference(
         return None, None
     if st.dpo_reference == "model":
         return jax.tree.map(jnp.copy, params), None
+    logger.info(
+        "dpo: reference log-probs of the starting model on %d pairs (one pass before step 1)",
+        len(inputs.encoded[kind]),
+    )
     table = reference_logps_table(
         apply_fn,
         params,
