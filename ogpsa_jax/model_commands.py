@@ -39,6 +39,11 @@ TABLE_ROWS = {
     "gsm8k": "GSM8K accuracy",
     "bbq": "BBQ accuracy",
     "gsm8k_generate": "GSM8K exact match by generation",
+    "ifeval_prompt_strict": "IFEval prompt-level accuracy, strict",
+    "ifeval_prompt_loose": "IFEval prompt-level accuracy, loose",
+    "ifeval_inst_strict": "IFEval instruction-level accuracy, strict",
+    "ifeval_inst_loose": "IFEval instruction-level accuracy, loose",
+    "choice_mean": "zero-shot choice tasks, mean accuracy",
     "drift": "drift (NLL of the starting model's answers, lower = closer)",
     "drift_kl": "drift KL divergence from the starting model",
 }
@@ -151,6 +156,10 @@ def results_markdown(result: dict[str, Any]) -> str:
         if value is None:
             continue
         count = n.get(key, n.get("gsm8k") if key.startswith("gsm8k") else "")
+        if key.startswith("ifeval_"):
+            count = n.get("ifeval_prompts" if "prompt" in key else "ifeval_instructions", "")
+        elif key == "choice_mean":
+            count = sum(n.get("choice", {}).values())
         lines.append(f"| {label} | {value:.3f} | {count} |")
     return "\n".join(lines)
 

@@ -98,14 +98,28 @@ def test_model_path_alone_selects_the_folder_and_its_tokenizer(trained):
 def test_eval_writes_json_and_markdown_for_a_run_final_folder(trained, tmp_path, capsys):
     final = trained[1] / "final"
     small = ["harmful_limit=2", "overrefusal_limit=2", "bbq_limit=2", "gsm8k_limit=2"]
-    small += ["drift_limit=2", "max_new_tokens=4"]
+    small += ["drift_limit=2", "max_new_tokens=4", "ifeval_limit=2", "ifeval_max_new_tokens=4"]
+    small += ["choice_tasks=arc_easy,copa", "choice_limit=2"]
     sets = [a for s in small for a in ("--set", s)]
     assert main(["eval", str(final), *sets]) == 0
     table = capsys.readouterr().out
     result = json.loads((final / "eval.json").read_text())
-    assert result["n"] == {"safety": 4, "over_refusal": 2, "bbq": 2, "gsm8k": 2, "drift": 0}
-    for key in ("safety", "over_refusal", "capability", "gsm8k", "bbq"):
+    n = result["n"]
+    assert {k: n[k] for k in ("safety", "over_refusal", "bbq", "gsm8k", "drift")} == {
+        "safety": 4,
+        "over_refusal": 2,
+        "bbq": 2,
+        "gsm8k": 2,
+        "drift": 0,
+    }
+    assert n["ifeval_prompts"] == 2 and n["ifeval_instructions"] >= 2
+    assert n["choice"] == {"arc_easy": 2, "copa": 2}
+    for key in ("safety", "over_refusal", "capability", "gsm8k", "bbq", "choice_mean"):
         assert 0.0 <= result[key] <= 1.0
+    for key in ("ifeval_prompt_strict", "ifeval_inst_loose"):
+        assert 0.0 <= result[key] <= 1.0
+    assert "| IFEval prompt-level accuracy, strict |" in table
+    assert result["truthfulqa_mc1"] is None and "TruthfulQA" in result["truthfulqa_note"]
     assert result["drift"] is None  # no --start: no drift
     assert len(result["responses"]["harmful"]) == 4
     assert (final / "eval.md").read_text() == table
