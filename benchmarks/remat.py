@@ -89,8 +89,9 @@ def main() -> None:
         for name, (remat, chunk) in VARIANTS.items():
             model.remat, model.loss_chunk = remat, chunk
             graphdef = nnx.split(model, nnx.Param, ...)[0]
-            micro = make_micro_loss("sft", stage, model_logps(graphdef, rest, 0))
-            step = jit_step(micro, optimizer, mesh, batch_sh, param_sh, opt_sh, False)
+            micro_of = lambda fn: make_micro_loss("sft", stage, fn)  # noqa: E731
+            logps = model_logps(graphdef, rest, 0)
+            step = jit_step(micro_of, logps, optimizer, mesh, batch_sh, param_sh, opt_sh, False)
             compiled = step.lower(params, opt_state, batch, None).compile()
             temps[name] = compiled.memory_analysis().temp_size_in_bytes
             steps[name] = compiled

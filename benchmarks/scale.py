@@ -18,8 +18,8 @@ The grid (every row is reported, also those that do not fit):
 * stages ``sft`` and ``dpo`` (the step) and ``refresh`` (the SFT stage's basis refresh:
   reference gradients + basis, or the activation capture);
 * step methods: ``off``; ``flat`` (Gram-Schmidt, the reference code) with k = 1, 2, 8 and a
-  float32 or bfloat16 basis; ``matrix`` (activation basis, rank 64); ``lora`` when LoRA
-  training exists (`lora_overrides`);
+  float32 or bfloat16 basis; ``matrix`` (activation basis, rank 64); ``lora`` (rank-16
+  adapters on every projection, flat k = 2 on the adapters: `lora_overrides`);
 * refresh methods: flat k = 2 and 8 (float32), the activation capture (rank 64), and flat SVD
   with k = 8 (one gradient per reference batch, all held at once); the reference-gradient
   program is the same for every k and basis dtype, only the live basis differs;
@@ -137,14 +137,17 @@ from ogpsa_jax.train.plan import DEVICE_MEMORY, HEADROOM, plan_stage  # noqa: E4
 from ogpsa_jax.train.schema import TrainConfig, validate  # noqa: E402
 
 
-def lora_overrides(stage: str, rank: int) -> list[str] | None:
-    """The overrides of a LoRA row (rank ``rank``); None while LoRA training does not exist.
-
-    LoRA training (issue 18, phase 2) adds its config fields; return them here, e.g.
-    ``[f"{stage}.lora.rank={rank}", ...]``, and the grid gains ``method="lora"`` rows.
-    """
-    del stage, rank
-    return None
+def lora_overrides(stage: str, rank: int) -> list[str]:
+    """The overrides of a LoRA row: adapters of rank ``rank`` on every projection (alpha =
+    2 x rank), only they train, with OGPSA's flat Gram-Schmidt basis at k = 2 on the adapters
+    (the demo's ``ogpsa-lora``)."""
+    og = f"{stage}.ogpsa"
+    return [
+        f"model.lora.rank={rank}",
+        f"model.lora.alpha={2 * rank}",
+        f"{og}.method=gram_schmidt",
+        f"{og}.k=2",
+    ]
 
 
 def scaled(config: TrainConfig, n: int) -> TrainConfig:
@@ -242,6 +245,8 @@ def one_row(name: str, base: TrainConfig, n: int, mesh: Any, spec: tuple) -> dic
         peak = p.step_peak
         parts = dict(params=p.params, opt_state=p.opt_state, basis=p.basis, batch=p.batch)
         parts.update(temporaries=p.step.temporaries, new_outputs=p.step.new_outputs)
+    if p.frozen:  # LoRA: the frozen base weights
+        parts["frozen"] = p.frozen
     row.update(peak_bytes_per_device=peak, parts=parts, compile_s=round(compile_s, 1))
     row["fits"] = {kind_: peak <= (1 - HEADROOM) * cap for kind_, cap in DEVICE_MEMORY.items()}
     if not ARGS.no_cost:

@@ -6,9 +6,10 @@ naively and with OGPSA (two mean reference gradients for SFT, UltraFeedback + Ha
 DPO, UltraFeedback; Gram-Schmidt; refresh every 30 / 5 steps; lr 1e-6 cosine; bf16). Every
 experiment here is one (model, pipeline, method) cell of that grid, built on the library presets
 ``qwen2_5_7b_paper`` / ``llama3_1_8b_paper`` (``ogpsa_jax.train.presets``), plus our SVD basis
-and two baselines: general-data mixing ("replay": the safety data mixed 1:1 with the reference
-general data) and weight averaging with the starting model (evaluations only, of the naive
-run).
+and three baselines: general-data mixing ("replay": the safety data mixed 1:1 with the
+reference general data), weight averaging with the starting model (evaluations only, of the
+naive run) and LoRA ("lora": adapters only, `LORA`), with OGPSA on the adapters beside it
+("ogpsa_lora").
 
 Each experiment's docstring states its question, the expected result and the exact command.
 Evaluation is the library's ``ogpsa_jax.eval.evaluate_alignment`` on every prompt of every
@@ -45,9 +46,17 @@ import jax.numpy as jnp
 from transformers import AutoTokenizer
 
 from ogpsa_jax.data import load_preferences, load_sft
-from ogpsa_jax.eval import drift_reference, evaluate_alignment, full_eval_config, load_eval_sets
+from ogpsa_jax.eval import (
+    TRUTHFULQA_NOTE,
+    default_judge,
+    drift_reference,
+    evaluate_alignment,
+    full_eval_config,
+    load_eval_sets,
+)
 from ogpsa_jax.experiment.averaging import average_models
-from ogpsa_jax.experiment.report import write_results
+from ogpsa_jax.experiment.compare import demo_pairs, paired_comparisons
+from ogpsa_jax.experiment.report import IFEVAL_FIELDS, write_results
 from ogpsa_jax.models import load_hf
 from ogpsa_jax.train import TrainConfig, apply_overrides, preset, train, validate
 
@@ -58,7 +67,22 @@ MODELS = {
     "llama": ("llama3_1_8b_paper", "Llama-3.1-8B-Instruct"),
 }
 PIPELINES = {"sft": "sft", "dpo": "dpo", "sft_dpo": "sft-dpo"}
-METHODS = ("naive", "ogpsa", "ogpsa_svd", "replay", "weight_avg")
+METHODS = ("naive", "ogpsa", "ogpsa_svd", "replay", "weight_avg", "lora", "ogpsa_lora")
+# A LoRA run: rank 16, alpha 32 on q, k, v, o, gate, up, down (base weights frozen), at the
+# learning rates of LLaMA-Factory's LoRA examples (the reference code is a LLaMA-Factory fork;
+# the paper does not give its LoRA baseline's settings). One line for any preset:
+# ``apply_overrides(config, LORA)``.
+LORA = (
+    "model.lora.rank=16",
+    "model.lora.alpha=32",
+    "sft.learning_rate=1e-4",
+    "dpo.learning_rate=5e-6",
+)
+# OGPSA on the adapters with the matrix basis of each adapted layer's inputs (GPM, energy 0.97,
+# rank <= 64; InfLoRA's construction, docs/matrix.md#on-lora-adapters).
+OGPSA_LORA = tuple(
+    f"{s}.ogpsa.{f}" for s in ("sft", "dpo") for f in ("method=activation", "k=64", "energy=0.97")
+)
 # Paper's headline (Qwen2.5-7B-Instruct, SFT->DPO, naive -> OGPSA).
 PAPER_HEADLINE = "SimpleQA 0.53% -> 3.03%, IFEval 51.94% -> 63.96%"
 # Weight-averaging mixing weights (start <-> the naive run).
@@ -80,6 +104,10 @@ _QUESTIONS = {
     "{pipe} safety data 1:1, close the alignment tax on {model} as well as OGPSA does?",
     "weight_avg": "How does interpolating the weights of {model} between the start and the "
     "naive {pipe} model trade safety for capability (a curve, evaluations only)?",
+    "lora": "Where does plain LoRA {pipe} safety tuning of {model} (rank 16, all projections; the "
+    "paper's LoRA baseline) land on the safety-capability plane?",
+    "ogpsa_lora": "Does OGPSA on LoRA adapters ({pipe}, {model}; the input space of each adapted "
+    "layer protected, InfLoRA's construction) keep more capability than plain LoRA?",
 }
 _EXPECTED = {
     "naive": "Expected: high safety with a clear capability drop; for Qwen2.5-7B SFT->DPO the "
@@ -94,6 +122,10 @@ _EXPECTED = {
     "OGPSA frontier for DPO and SFT->DPO.",
     "weight_avg": "Expected: a curve from the start (capable, less safe) to the naive model "
     "(safe, less capable) that lies below the OGPSA point, as in the paper's figure.",
+    "lora": "Expected: less safety and a smaller capability drop than naive full tuning; the "
+    "paper places LoRA below the OGPSA frontier.",
+    "ogpsa_lora": "Expected (untested at this scale): plain LoRA's safety with less capability "
+    "lost; the adapters' reach is restricted to directions the capability inputs do not use.",
 }
 
 
@@ -135,6 +167,9 @@ def _make(model: str, pipe_key: str, method: str) -> Experiment:
         train = _replay_data(train)
     elif method == "weight_avg":
         train = None
+    elif method in ("lora", "ogpsa_lora"):
+        off = ("sft.ogpsa.enabled=false", "dpo.ogpsa.enabled=false")
+        train = apply_overrides(train, [*LORA, *(OGPSA_LORA if method == "ogpsa_lora" else off)])
     headline_naive = "SimpleQA 0.53%, IFEval 51.94%"
     expected = _EXPECTED[method].format(headline=PAPER_HEADLINE, headline_naive=headline_naive)
     if method == "weight_avg":
@@ -222,14 +257,19 @@ def _evaluate(exp: Experiment, output_dir: str, tuned: str | None) -> None:
     if exp.method == "weight_avg":
         end = load_hf(os.path.join(tuned, "final"), dtype=jnp.bfloat16)
         models = [(a, average_models(start, end, a)) for a in ALPHAS]
-    else:
-        models = [(None, load_hf(os.path.join(output_dir, "final"), dtype=jnp.bfloat16))]
+    else:  # a LoRA run's final/ holds the adapters; final-merged/ the full model
+        lora = exp.train is not None and exp.train.model.lora.rank > 0
+        final = os.path.join(output_dir, "final-merged" if lora else "final")
+        models = [(None, load_hf(final, dtype=jnp.bfloat16))]
     results = []
     for alpha, model in models:
         m = evaluate_alignment(model, tok, EVAL, sets=sets, reference=reference)
         run = {"method": exp.method, "pipeline": exp.pipeline}
-        run.update({k: m[k] for k in ("safety", "over_refusal", "capability", "gsm8k", "bbq")})
-        run.update(drift=m["drift"], safety_by_source=m["safety_by_source"])
+        rates = ("safety", "over_refusal", "capability", "gsm8k", "bbq", *IFEVAL_FIELDS)
+        rates += ("choice", "choice_mean", "truthfulqa_mc1", "drift")
+        run.update({k: m[k] for k in rates})
+        run.update({f"{k}_ci": m[f"{k}_ci"] for k in rates if f"{k}_ci" in m})
+        run.update(safety_by_source=m["safety_by_source"], outcomes=m["outcomes"])
         run.update(gsm8k_generate=m["gsm8k_generate"], eval_seconds=m["seconds"])
         run.update(steps=0, seconds=0.0)
         if alpha is not None:
@@ -245,9 +285,12 @@ def _report(run_dirs: Sequence[str], out: str) -> None:
     for d in run_dirs:
         with open(os.path.join(d, "eval.json")) as f:
             runs += json.load(f)
-    write_results(
-        out, runs, {"model": "paper-scale", "judge": "keyword-v1", "runs": list(run_dirs)}
-    )
+    meta = {"model": "paper-scale", "judge": default_judge().name, "runs": list(run_dirs)}
+    label = lambda r: f"{r['method']}:{r['pipeline']}" + (f":{r['alpha']}" if "alpha" in r else "")
+    outcomes = {label(r): r.pop("outcomes") for r in runs}
+    meta["comparisons"] = paired_comparisons(outcomes, demo_pairs(list(outcomes)))
+    meta["truthfulqa_mc1"] = TRUTHFULQA_NOTE
+    write_results(out, runs, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

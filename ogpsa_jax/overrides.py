@@ -2,8 +2,8 @@
 and type checks, for any frozen dataclass config (training runs and experiments alike).
 
 Values are parsed by the field annotations (``bool``, ``int``, ``float``, ``str``, optional
-types, fixed and variable-length tuples such as ``mesh=2,4,1`` or ``reference=a.jsonl,b.jsonl``);
-an unknown field names the closest matches.
+types, fixed and variable-length tuples such as ``mesh=2,4,1`` or ``reference=a.jsonl,b.jsonl``;
+a string may be JSON-quoted, ``path=""``); an unknown field names the closest matches.
 
 Example:
     >>> import dataclasses
@@ -66,7 +66,12 @@ def _parse_scalar(text: str, tp: Any, name: str) -> Any:
             return float(text)
         except ValueError:
             raise ValueError(f"{name}: expected a float, got {text!r}") from None
-    if tp is str:
+    if tp is str:  # a JSON-quoted string ("" = empty, as `ogpsa config show` prints it)
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(f"{name}: malformed quoted string {text!r}") from None
         return text
     raise ValueError(f"{name}: cannot parse a value of type {tp}")
 
@@ -104,9 +109,12 @@ def _set_path(obj: Any, path: list[str], text: str, full: str, root: type) -> An
     head = path[0]
     if head not in hints:
         known = field_names(type(obj))
-        close = difflib.get_close_matches(full, field_names(root), n=3) or (
+        leaf = full.rsplit(".", 1)[-1]  # the same field elsewhere first (sft.beta -> dpo.beta)
+        close = [n for n in field_names(root) if n.rsplit(".", 1)[-1] == leaf]
+        close += difflib.get_close_matches(full, field_names(root), n=3) or (
             difflib.get_close_matches(head, known, n=3)
         )
+        close = list(dict.fromkeys(close))[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown config field {full!r}{hint}")
     tp = hints[head]

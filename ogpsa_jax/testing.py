@@ -9,8 +9,9 @@ hooks for the length of a ``with`` block and restore the previous ones after it.
   or inf makes the step non-finite without touching the data or the weights.
 * `inject_nonfinite(steps)`: inside the block, `ogpsa_jax.train.train` trains with that loss and
   poisons the gradients of the given 1-based steps of every stage.
-* `fault_drill(spec)`: inside the block, the training process SIGKILLs itself a given time into
-  a phase (``PHASE@STEP+SECONDS``; see `parse_fault_drill`). ``python -m ogpsa_jax.testing
+* `fault_drill(spec)`: inside the block, the training process SIGKILLs itself (or sends itself a
+  Ctrl-C or SIGTERM) a given time into a phase (``PHASE@STEP+SECONDS[:SIGNAL]``; see
+  `parse_fault_drill`). ``python -m ogpsa_jax.testing
   --fault-drill SPEC train ...`` runs the ``ogpsa`` command line with it (tests/fault_drill.py).
 
 Example:
@@ -44,6 +45,12 @@ logger = logging.getLogger(__name__)
 
 POISON = "poison"  # the extra step input read by `poisoning_loss`
 FAULT_PHASES = ("step", "save", "refresh")
+DRILL_SIGNALS = {
+    "": signal.SIGKILL,
+    "KILL": signal.SIGKILL,
+    "INT": signal.SIGINT,
+    "TERM": signal.SIGTERM,
+}
 
 
 def poisoning_loss(micro_loss: Callable) -> Callable:
@@ -102,9 +109,10 @@ def inject_nonfinite(steps: Collection[int], value: float = np.nan) -> Iterator[
 
 
 def parse_fault_drill(spec: str) -> Callable[[str, int], None]:
-    """The fault of a drill spec ``PHASE@STEP+SECONDS``: SIGKILL this process SECONDS after
-    PHASE begins (``step``: computing 1-based step STEP; ``save``: writing checkpoint STEP;
-    ``refresh``: the basis refresh before step STEP).
+    """The faults of a drill spec ``PHASE@STEP+SECONDS[:SIGNAL]``, several joined by commas:
+    send SIGNAL (``KILL``, the default; ``INT``, a Ctrl-C; or ``TERM``) to this process SECONDS
+    after PHASE begins (``step``: computing 1-based step STEP; ``save``: writing checkpoint
+    STEP; ``refresh``: the basis refresh before step STEP).
 
     Args:
         spec: the drill; "" for none.
@@ -125,19 +133,29 @@ def parse_fault_drill(spec: str) -> Callable[[str, int], None]:
     """
     if not spec:
         return lambda phase, step: None
-    try:
-        phase, rest = spec.split("@")
-        step_text, delay_text = rest.split("+")
-        at, delay = int(step_text), float(delay_text)
-    except ValueError:
-        raise ValueError(f"fault drill {spec!r}: expected PHASE@STEP+SECONDS") from None
-    if phase not in FAULT_PHASES:
-        raise ValueError(f"fault drill {spec!r}: phase must be step, save or refresh")
+    faults = {}
+    for item in spec.split(","):
+        item, _, sig_name = item.partition(":")
+        try:
+            phase, rest = item.split("@")
+            step_text, delay_text = rest.split("+")
+            at, delay = int(step_text), float(delay_text)
+        except ValueError:
+            raise ValueError(
+                f"fault drill {spec!r}: expected PHASE@STEP+SECONDS[:SIGNAL]"
+            ) from None
+        if phase not in FAULT_PHASES:
+            raise ValueError(f"fault drill {spec!r}: phase must be step, save or refresh")
+        if sig_name not in DRILL_SIGNALS:
+            raise ValueError(f"fault drill {spec!r}: signal must be one of {list(DRILL_SIGNALS)}")
+        faults[(phase, at)] = (delay, DRILL_SIGNALS[sig_name])
 
     def fault(now_phase: str, now_step: int) -> None:
-        if (now_phase, now_step) == (phase, at):
-            logger.warning("fault drill: SIGKILL %.3fs into %s %d", delay, phase, at)
-            kill = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL))
+        if (now_phase, now_step) in faults:
+            delay, signum = faults[(now_phase, now_step)]
+            name = signal.Signals(signum).name
+            logger.warning("fault drill: %s %.3fs into %s %d", name, delay, now_phase, now_step)
+            kill = threading.Timer(delay, os.kill, (os.getpid(), signum))
             kill.daemon = True
             kill.start()
 

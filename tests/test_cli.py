@@ -69,7 +69,7 @@ def test_train_sft_end_to_end_then_resume_and_guard(tmp_path, capsys):
             ["--set", "sft.ogpsa.method=gradient", "--set", "sft.ogpsa.conflict_only=true"],
             r"'sft.ogpsa.conflict_only': conflict_only=True is not supported by the matrix",
         ),
-        (["--set", "model.init=hf", "--set", "model.path=/no/such/model"], r"model folder"),
+        (["--set", "model.path=/no/such/model"], r"model folder '/no/such/model' not found"),
         (["--max-steps", "0"], r"--max-steps must be >= 1"),
     ],
 )

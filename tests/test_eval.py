@@ -263,7 +263,7 @@ def test_keyword_judge_known_cases():
         ["a", {"prompt": "b"}, "c"], [REFUSALS[0], NON_REFUSALS[0], REFUSALS[1]]
     )
     assert res["refused"] == [True, False, True] and res["n"] == 3
-    assert res["rate"] == pytest.approx(2 / 3) and res["judge"] == "keyword-v1"
+    assert res["rate"] == pytest.approx(2 / 3) and res["judge"] == ev.default_judge().name
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         ev.judge_refusals(["a", "b"], ["x"])
 
@@ -286,7 +286,7 @@ def test_refusal_rate_counts_generated_refusals(tok, refuser, complier):
         refuser, tok, prompts, max_new_tokens=12, batch_size=4, length_bucket=64, progress=False
     )
     assert res["responses"] == [REFUSAL] * 5  # EOS cut, special tokens dropped
-    assert res["rate"] == 1.0 and res["n"] == 5 and res["judge"] == "keyword-v1"
+    assert res["rate"] == 1.0 and res["n"] == 5 and res["judge"] == ev.default_judge().name
     res = ev.refusal_rate(
         complier, tok, prompts, max_new_tokens=12, batch_size=4, length_bucket=64, progress=False
     )
@@ -465,15 +465,56 @@ def test_evaluate_alignment_schema_and_known_values(tok, refuser, complier):
         max_new_tokens=12,
         generate_batch_size=4,
         score_batch_size=4,
+        ifeval_limit=3,
+        ifeval_max_new_tokens=12,
+        ifeval_batch_size=4,
+        choice_tasks=("piqa", "arc_easy"),
+        choice_limit=3,
     )
     ref = ev.drift_reference(refuser, tok, cfg, progress=False)
     assert len(ref["prompts"]) == 3 and json.loads(json.dumps(ref)) == ref  # cacheable
     res = ev.evaluate_alignment(refuser, tok, cfg, reference=ref, start_model=refuser)
     assert res["safety"] == 1.0 and res["over_refusal"] == 1.0  # it refuses everything
-    assert res["n"] == {"safety": 4, "over_refusal": 3, "bbq": 2, "gsm8k": 2, "drift": 3}
+    assert res["n"] == {
+        "safety": 4,
+        "over_refusal": 3,
+        "bbq": 2,
+        "gsm8k": 2,
+        "ifeval_prompts": 3,
+        "ifeval_instructions": sum(
+            len(r["instruction_id_list"]) for r in ev.load_eval_sets(cfg)["ifeval"]
+        ),
+        "choice": {"piqa": 3, "arc_easy": 3},
+        "drift": 3,
+    }
     assert res["capability"] == pytest.approx((res["gsm8k"] + res["bbq"]) / 2)
     assert res["drift"] < 1e-4 and abs(res["drift_kl"]) < 1e-5  # its own greedy answers
-    assert res["judge"] == "keyword-v1" and res["gsm8k_mode"] == "mc"
+    assert res["judge"] == ev.default_judge().name and res["gsm8k_mode"] == "mc"
+    # IFEval: the official checker's verdicts on the refusal it gives to every prompt
+    rows = ev.load_eval_sets(cfg)["ifeval"]
+    assert res["responses"]["ifeval"] == [REFUSAL] * 3
+    expected = ev.score_ifeval(rows, [REFUSAL] * 3)
+    for key in ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose"):
+        assert (
+            res[f"ifeval_{key}"] == expected[key]
+            and res[f"ifeval_{key}_ci"] == expected[f"{key}_ci"]
+        )
+    # choice tasks: the same numbers as scoring them directly (plain-text cloze)
+    items = ev.load_eval_sets(cfg)["choice"]
+    ok = {}
+    for task, part in (("piqa", items[:3]), ("arc_easy", items[3:])):  # scored per task
+        direct = ev.multiple_choice_accuracy(refuser, tok, part, chat=False, progress=False)
+        ok[task] = [p == it["answer"] for p, it in zip(direct["predictions"], part, strict=True)]
+    assert res["choice"] == {task: np.mean(v) for task, v in ok.items()}
+    assert res["outcomes"]["choice"] == ok
+    assert res["truthfulqa_mc1"] is None and "TruthfulQA" in res["truthfulqa_note"]
+    # every rate has its Wilson interval, computed from its per-item outcomes
+    for key in ("safety", "over_refusal", "gsm8k", "bbq"):
+        k, n = sum(res["outcomes"][key]), len(res["outcomes"][key])
+        assert res[f"{key}_ci"] == list(ev.stats.wilson_interval(k, n)), key
+    assert res["safety_ci"][0] > 0.35  # 4 of 4 refused: Wilson low end 0.51
+    assert res["capability_ci"][0] <= res["capability"] <= res["capability_ci"][1]
+    assert res["drift_ci"][0] <= res["drift"] + 1e-9
     other = ev.evaluate_alignment(complier, tok, cfg, reference=ref, progress=False)
     assert other["safety"] == 0.0 and other["over_refusal"] == 0.0
     assert other["drift"] > 5.0 and other["drift_kl"] is None  # refusal tokens are unlikely
@@ -496,6 +537,8 @@ def test_evaluate_alignment_given_sets_phases_and_generation(tok, refuser):
         "over_refusal": ev.load_prompt_set("overrefusal", limit=2),
         "gsm8k": ev.load_prompt_set("gsm8k", limit=2),
         "bbq": ev.load_prompt_set("bbq", limit=1),
+        "ifeval": [],  # empty: not measured
+        "choice": [],
     }
     drift_prompts = ["Name a colour.", "Say hello."]
     ref = ev.drift_reference(refuser, tok, cfg, prompts=drift_prompts, progress=False)
@@ -513,7 +556,17 @@ def test_evaluate_alignment_given_sets_phases_and_generation(tok, refuser):
     )
     assert entered == ["generation", "gsm8k-mc", "bbq", "drift", "gsm8k-generate"]
     assert res["safety_by_source"] == {"harmbench": 1.0, "strongreject": 1.0}
-    assert res["n"] == {"safety": 3, "over_refusal": 2, "bbq": 1, "gsm8k": 2, "drift": 2}
+    assert res["n"] == {
+        "safety": 3,
+        "over_refusal": 2,
+        "bbq": 1,
+        "gsm8k": 2,
+        "ifeval_prompts": 0,
+        "ifeval_instructions": 0,
+        "choice": {},
+        "drift": 2,
+    }
+    assert res["ifeval_prompt_strict"] is None and res["choice_mean"] is None
     assert res["gsm8k_generate"] == 0.0  # a refusal holds no number
     assert res["details"]["gsm8k_generate"]["responses"] == [REFUSAL, REFUSAL]
     pairs = res["responses"]

@@ -483,7 +483,9 @@ def _model_folder(tmp_path, kind):
         (["--set", "model.dtype=float16"], r"'model.dtype' must be one of"),
         (["--set", "sft=3"], r"'sft' is a group of fields"),
         (["--set", "no_such_field=1"], r"unknown config field 'no_such_field'"),
-        (["--max-steps", "7"], r"different config \(config.sft.max_steps: 6 -> 7"),
+        # a smaller budget (a larger one extends the run: tests/test_cli_extend.py)
+        (["--max-steps", "5"], r"different config \(config.sft.max_steps: 6 -> 5"),
+        (["--set", "sft.learning_rate=0.1"], r"different config \(config.sft.learning_rate"),
     ],
 )
 def test_bad_config_leaves_an_existing_run_untouched(stopped_run, capsys, args, message):
@@ -518,7 +520,7 @@ def test_bad_config_leaves_an_existing_run_untouched(stopped_run, capsys, args, 
 def test_malformed_model_folder_is_named_before_compute(tmp_path, capsys, kind, message):
     model = _model_folder(tmp_path, kind)
     out = tmp_path / "never"
-    args = ["--set", "model.init=hf", "--set", f"model.path={model}"]
+    args = ["--set", f"model.path={model}"]
     assert cli(out, *args) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert str(model) in err and re.search(message, err), err

@@ -220,16 +220,23 @@ def test_plan_cli_json_and_text(capsys):
 
 
 @pytest.mark.slow
-def test_plan_compiles_the_loops_own_step(tmp_path):
+@pytest.mark.parametrize("lora", [(), ("model.lora.rank=4",)], ids=["full", "lora"])
+def test_plan_compiles_the_loops_own_step(tmp_path, lora):
     """The step `plan` compiles is the training loop's: the same memory analysis as the step
-    that `build_stage` jits for a real run (built from the data and the sharded weights)."""
+    that `build_stage` jits for a real run (built from the data and the sharded weights), also
+    with LoRA adapters, whose frozen base is an argument of the program."""
     from ogpsa_jax.train.inputs import load_inputs
     from ogpsa_jax.train.sharding import place
     from ogpsa_jax.train.stage import build_stage
 
-    config = small_config("model.remat=block", "model.loss_chunk=16", "num_devices=8")
+    config = small_config("model.remat=block", "model.loss_chunk=16", "num_devices=8", *lora)
     mesh = make_mesh((1, 8, 1))
     planned: StagePlan = plan_stage("sft", config, mesh)
+    if lora:  # the adapters train; the base is frozen, and counted among the arguments
+        assert 0 < planned.params < planned.frozen
+        assert planned.step.arguments > planned.frozen
+    else:
+        assert planned.frozen == 0
     with jax.set_mesh(mesh):
         inputs = load_inputs("sft", config)
         stage, carry = build_stage("sft", config, inputs, mesh, str(tmp_path), None)

@@ -32,6 +32,7 @@ from ogpsa_jax.projection import get_basis, set_basis
 from ogpsa_jax.testing import inject_nonfinite, poisoning_loss, with_poison
 from ogpsa_jax.train import (
     EXIT_PREEMPTED,
+    DPOConfig,
     NonFiniteError,
     StageConfig,
     apply_overrides,
@@ -386,7 +387,7 @@ def test_sharded_train_steps_lower_for_gpu_and_tpu(platform, axis_type):
     model = init_random(tiny_config(vocab_size=98), seed=0, dtype=jnp.bfloat16, mesh=mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     apply_fn = lambda p, ids, attn: nnx.merge(graphdef, p, rest)(ids, attn)
-    stage = StageConfig()
+    stage = DPOConfig(ogpsa=StageConfig().ogpsa)  # the SFT stage's OGPSA (k = 2) on both steps
     assert stage.ogpsa.enabled and stage.ogpsa.k == 2
     opt = make_optimizer(stage, total_steps=10)
     ids = np.random.default_rng(0).integers(3, 98, size=(2, 8, 16)).astype(np.int32)

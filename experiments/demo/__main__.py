@@ -28,16 +28,22 @@ from ogpsa_jax.overrides import apply_overrides
 PROG = "python -m experiments.demo"
 
 
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def summary(result: Mapping[str, Any]) -> str:
     """The results as a plain-text table, with the total time and output paths."""
     lines = [
         f"{'run':<22}{'safety':>8}{'over-ref':>10}{'capab.':>8}{'GSM8K':>8}{'BBQ':>8}"
-        f"{'drift':>8}{'steps':>7}{'train s':>9}"
+        f"{'IFEval':>8}{'choice':>8}{'drift':>8}{'steps':>7}{'train s':>9}"
     ]
     for r in result["runs"]:
         lines.append(
             f"{run_label(r):<22}{r['safety']:>8.3f}{r['over_refusal']:>10.3f}"
-            f"{r['capability']:>8.3f}{r['gsm8k']:>8.3f}{r['bbq']:>8.3f}{r['drift']:>8.3f}"
+            f"{r['capability']:>8.3f}{r['gsm8k']:>8.3f}{r['bbq']:>8.3f}"
+            f"{_num(r.get('ifeval_prompt_strict')):>8}{_num(r.get('choice_mean')):>8}"
+            f"{r['drift']:>8.3f}"
             f"{r['steps']:>7d}{r['seconds']:>9.0f}"
         )
     meta = result["meta"]

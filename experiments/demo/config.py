@@ -1,8 +1,8 @@
 """The demo's configuration: `DemoConfig`, its presets and its validation.
 
-Presets: `default_config` (the committed results, ~14 minutes on a 2-core CPU), `full_config`
-(the whole grid, for a GPU or TPU host) and `tiny_config` (the same code on the tiny random
-model, seconds; used by the tests). Any field can be overridden from the command line
+Presets: `default_config` (the committed results, about 16 minutes on an idle 2-core CPU),
+`full_config` (the whole grid, for a GPU or TPU host) and `tiny_config` (the same code on the tiny
+random model, seconds; used by the tests). Any field can be overridden from the command line
 (``--set field=value``, parsed by the field's annotation with `ogpsa_jax.overrides`).
 
 Example:
@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from ogpsa_jax.eval import EvalConfig
+from ogpsa_jax.eval import CHOICE_TASKS, EvalConfig
+from ogpsa_jax.eval.choice_tasks import TASKS
 from ogpsa_jax.overrides import check_types
 
-METHODS = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay")
+METHODS = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay", "lora", "ogpsa-lora")
 PIPELINES = ("sft", "dpo", "sft-dpo")
 
 
@@ -44,6 +45,17 @@ class DemoConfig:
     gsm8k: int = 32
     # BBQ items (0 = all 300).
     bbq: int = 48
+    # IFEval prompts, sampled from the 301 whose instructions a short answer can be judged on
+    # (0 = all 541, with ifeval_subset="all" as in full_config).
+    ifeval: int = 16
+    # "short" (the 301 prompts above) or "all" (541).
+    ifeval_subset: str = "short"
+    # New tokens of the IFEval answers (official runs allow 1280; full_config uses that).
+    ifeval_tokens: int = 128
+    # Items per zero-shot multiple-choice task (0 = all).
+    choice: int = 16
+    # The tasks: those the starting model is above chance on (results/eval/start_model.json).
+    choice_tasks: tuple[str, ...] = CHOICE_TASKS
     # Held-out benign prompts for drift.
     drift_prompts: int = 24
     # Benign prompts answered by the starting model: the OGPSA capability reference.
@@ -89,11 +101,18 @@ class DemoConfig:
     gpm_energy: float = 0.97
     # Token rows of layer inputs sampled over the reference set for the GPM basis.
     gpm_rows: int = 512
+    # LoRA methods ("lora": adapters, naive; "ogpsa-lora": adapters with the GPM basis of
+    # "ogpsa-gpm" on them): rank and alpha on all seven projections.
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    # LoRA methods: learning rates = sft_lr / dpo_lr times this (adapters need larger steps).
+    lora_lr_scale: float = 10.0
     # Rows per reference micro-batch.
     reference_batch: int = 8
     # Weight-averaging mixing weights (0 = start, 1 = tuned; endpoints are runs already).
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
-    # Trained runs as "method:pipeline" (methods: naive, ogpsa, ogpsa-svd, ogpsa-gpm, replay).
+    # Trained runs as "method:pipeline" (methods: naive, ogpsa, ogpsa-svd, ogpsa-gpm, replay,
+    # lora, ogpsa-lora).
     runs: tuple[str, ...] = (
         "naive:sft",
         "ogpsa:sft",
@@ -112,7 +131,7 @@ class DemoConfig:
 
 
 def default_config() -> DemoConfig:
-    """The default demo: about 14 minutes measured on a quiet 2-core CPU (README)."""
+    """The default demo: about 16 minutes on an idle 2-core CPU (docs/evaluation.md)."""
     return DemoConfig()
 
 
@@ -126,6 +145,10 @@ def full_config() -> DemoConfig:
         over_refusal=0,
         gsm8k=0,
         bbq=0,
+        ifeval=0,
+        ifeval_subset="all",
+        ifeval_tokens=1280,
+        choice=0,
         drift_prompts=50,
         reference_prompts=100,
         gsm8k_generate=True,
@@ -157,6 +180,10 @@ def tiny_config() -> DemoConfig:
         over_refusal=3,
         gsm8k=3,
         bbq=3,
+        ifeval=2,
+        ifeval_tokens=6,
+        choice=2,
+        choice_tasks=("arc_easy", "piqa"),
         drift_prompts=3,
         reference_prompts=8,
         max_length=64,
@@ -195,13 +222,19 @@ def validate(config: DemoConfig) -> None:
         raise ValueError(f"model must be 'smollm2' or 'tiny', got {config.model!r}")
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
-    for name in ("sft_prompts", "dpo_prompts", "harmful", "over_refusal", "gsm8k", "bbq"):
+    if config.ifeval_subset not in ("short", "all"):
+        raise ValueError(f"ifeval_subset must be 'short' or 'all': {config.ifeval_subset!r}")
+    unknown = [t for t in config.choice_tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"choice_tasks: unknown tasks {unknown}; known {list(TASKS)}")
+    sizes = "sft_prompts dpo_prompts harmful over_refusal gsm8k bbq ifeval choice".split()
+    for name in sizes:
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must be >= 0 (0 = all), got {getattr(config, name)}")
     positive = (
-        "drift_prompts max_length answer_tokens eval_tokens sft_steps sft_batch dpo_steps "
-        "dpo_batch sft_refresh dpo_refresh svd_k gpm_k gpm_rows reference_batch gen_batch "
-        "score_batch"
+        "drift_prompts max_length answer_tokens eval_tokens ifeval_tokens sft_steps sft_batch "
+        "dpo_steps dpo_batch sft_refresh dpo_refresh svd_k gpm_k gpm_rows reference_batch "
+        "gen_batch score_batch lora_rank"
     ).split()
     for name in positive:
         if getattr(config, name) < 1:
@@ -214,7 +247,7 @@ def validate(config: DemoConfig) -> None:
         raise ValueError("frozen_layers and num_devices must be >= 0")
     if not 0.0 < config.gpm_energy <= 1.0:
         raise ValueError(f"gpm_energy must be in (0, 1], got {config.gpm_energy}")
-    for name in ("sft_lr", "dpo_lr", "dpo_beta"):
+    for name in ("sft_lr", "dpo_lr", "dpo_beta", "lora_alpha", "lora_lr_scale"):
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
     for a in config.alphas:
@@ -252,4 +285,9 @@ def eval_config(config: DemoConfig) -> EvalConfig:
         gsm8k_generate=config.gsm8k_generate,
         generate_batch_size=config.gen_batch,
         score_batch_size=config.score_batch,
+        ifeval_subset=config.ifeval_subset,
+        ifeval_max_new_tokens=config.ifeval_tokens,
+        # one batch when the set is small (copies padding a batch cost as much as prompts)
+        ifeval_batch_size=min(config.gen_batch, config.ifeval or config.gen_batch),
+        choice_tasks=config.choice_tasks,
     )

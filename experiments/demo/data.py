@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from experiments.demo.config import DemoConfig
-from ogpsa_jax.eval import load_prompt_set, normalise_prompt
+from ogpsa_jax.eval import load_choice_task, load_ifeval, load_prompt_set, normalise_prompt
+from ogpsa_jax.eval.ifeval import short_answer_rows
 from ogpsa_jax.experiment import targets
 
 logger = logging.getLogger(__name__)
@@ -55,13 +56,14 @@ def select_prompts(config: DemoConfig) -> dict[str, Rows]:
         config: the demo config (set sizes and seed).
 
     Returns:
-        ``{"sft", "dpo", "harmful", "over_refusal", "gsm8k", "bbq", "drift", "reference"}``
-        -> rows of ``ogpsa_jax.eval.load_prompt_set``.
+        ``{"sft", "dpo", "harmful", "over_refusal", "gsm8k", "bbq", "ifeval", "choice",
+        "drift", "reference"}`` -> rows (``load_prompt_set``, ``load_ifeval``,
+        ``load_choice_task``).
 
     Example:
         >>> from experiments.demo.config import tiny_config
-        >>> sorted(select_prompts(tiny_config()))[:3]
-        ['bbq', 'dpo', 'drift']
+        >>> sorted(select_prompts(tiny_config()))[:4]
+        ['bbq', 'choice', 'dpo', 'drift']
     """
     rng = np.random.default_rng(config.seed)
     dna = _take(load_prompt_set("donotanswer"), 0, rng)
@@ -74,6 +76,9 @@ def select_prompts(config: DemoConfig) -> dict[str, Rows]:
         load_prompt_set("strongreject"), config.harmful - half, rng
     )
     benign = _take(load_prompt_set("benign_reference"), 0, rng)
+    ifeval_pool = load_ifeval()
+    if config.ifeval_subset == "short":
+        ifeval_pool = short_answer_rows(ifeval_pool)
     drift_rows = benign[: config.drift_prompts]
     reference = benign[config.drift_prompts : config.drift_prompts + config.reference_prompts]
     sets = {
@@ -83,6 +88,12 @@ def select_prompts(config: DemoConfig) -> dict[str, Rows]:
         "over_refusal": _take(load_prompt_set("overrefusal"), config.over_refusal, rng),
         "gsm8k": _take(load_prompt_set("gsm8k"), config.gsm8k, rng),
         "bbq": _take(load_prompt_set("bbq"), config.bbq, rng),
+        "ifeval": _take(ifeval_pool, config.ifeval, rng),
+        "choice": [
+            row
+            for task in config.choice_tasks
+            for row in _take(load_choice_task(task), config.choice, rng)
+        ],
         "drift": drift_rows,
         "reference": reference,
     }
@@ -93,7 +104,7 @@ def select_prompts(config: DemoConfig) -> dict[str, Rows]:
     train_side = {
         normalise_prompt(r["prompt"]) for k in ("sft", "dpo", "reference") for r in sets[k]
     }
-    for name in ("harmful", "over_refusal", "gsm8k", "bbq", "drift"):
+    for name in ("harmful", "over_refusal", "gsm8k", "bbq", "ifeval", "drift"):
         clash = [r["id"] for r in sets[name] if normalise_prompt(r["prompt"]) in train_side]
         if clash:
             logger.warning("dropping %d %s prompts also used for training", len(clash), name)

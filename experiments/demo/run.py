@@ -41,15 +41,28 @@ from experiments.demo.stages import Stages
 from ogpsa_jax import eval as ev
 from ogpsa_jax import models
 from ogpsa_jax.data import assets_path, pad_token_id
-from ogpsa_jax.experiment import targets
+from ogpsa_jax.experiment import report, targets
 from ogpsa_jax.experiment.averaging import average_models
+from ogpsa_jax.experiment.compare import demo_pairs, paired_comparisons
 from ogpsa_jax.experiment.report import write_results
 from ogpsa_jax.experiment.timing import PhaseClock, load_average, machine_info
 from ogpsa_jax.models.gguf import smollm2_path
 
 logger = logging.getLogger(__name__)
 
-_METRICS = ("safety", "over_refusal", "capability", "gsm8k", "bbq", "drift", "safety_by_source")
+_METRICS = (
+    "safety",
+    "over_refusal",
+    "capability",
+    "gsm8k",
+    "bbq",
+    *report.IFEVAL_FIELDS,
+    "choice",
+    "choice_mean",
+    "truthfulqa_mc1",
+    "drift",
+    "safety_by_source",
+)
 
 
 # ----------------------------------------------------------------------------- models
@@ -99,6 +112,7 @@ class Context:
     data: TrainingData
     runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     responses: dict[str, Any] = dataclasses.field(default_factory=dict)
+    outcomes: dict[str, Any] = dataclasses.field(default_factory=dict)  # label -> per item
 
 
 def start_answers(
@@ -185,17 +199,21 @@ def evaluate_run(
         phase=lambda part: ctx.clock.phase(f"eval {label}: {part}"),
     )
     ctx.responses[label] = res["responses"]
+    ctx.outcomes[label] = res["outcomes"]
     run = {"method": method, "pipeline": pipeline, **{k: res[k] for k in _METRICS}}
+    run.update({f"{k}_ci": res[f"{k}_ci"] for k in _METRICS if f"{k}_ci" in res})
+    run["label"] = label
     if res["gsm8k_generate"] is not None:
         run["gsm8k_generate"] = res["gsm8k_generate"]
     run.update(eval_seconds=res["seconds"], steps=steps, seconds=seconds, **extra)
     ctx.runs.append(run)
     logger.info(
-        "%s: safety %.3f over-refusal %.3f capability %.3f drift %.3f (eval %.0fs)",
+        "%s: safety %.3f over-refusal %.3f capability %.3f IFEval %s drift %.3f (eval %.0fs)",
         label,
         run["safety"],
         run["over_refusal"],
         run["capability"],
+        run["ifeval_prompt_strict"],
         run["drift"],
         run["eval_seconds"],
     )
@@ -254,7 +272,8 @@ def results_meta(
     return {
         "model": "SmolLM2-135M-Instruct" if config.model == "smollm2" else "tiny random decoder",
         "model_dir": ctx.start_dir,
-        "judge": ev.KeywordJudge().name + " (keyword/pattern refusal classifier, first 200 chars)",
+        "judge": ev.default_judge().name + " (keyword/pattern refusal classifier anchored on the "
+        "response's opening; agreement with people: results/eval/judge_agreement.json)",
         "set_sizes": {k: len(v) for k, v in ctx.sets.items()},
         "harmful_sources": sorted({r["source"] for r in ctx.sets["harmful"]}),
         "dpo_pairs": ctx.data.dpo[1],
@@ -263,6 +282,16 @@ def results_meta(
         "(gold vs 3 nearby numbers); not comparable to official GSM8K",
         "drift": "per-token NLL of the starting model's own greedy answers "
         f"({config.answer_tokens} new tokens) on held-out benign prompts",
+        "ifeval": f"{len(ctx.sets['ifeval'])} IFEval prompts ({config.ifeval_subset} subset), "
+        f"answers of up to {config.ifeval_tokens} new tokens, official checker",
+        "choice_tasks": list(config.choice_tasks),
+        "truthfulqa_mc1": ev.TRUTHFULQA_NOTE,
+        "intervals": "<name>_ci: 95% Wilson interval of a rate; capability_ci, choice_mean_ci: "
+        "stratified bootstrap; drift_ci: bootstrap over prompts (2000 resamples, seed 0)",
+        "comparisons": paired_comparisons(ctx.outcomes, demo_pairs(ctx.outcomes)),
+        "comparisons_note": "paired on the same items: b - a, exact McNemar p-value for 0/1 "
+        "outcomes (rates), paired bootstrap for per-prompt drift NLL (unweighted mean of "
+        "per-prompt NLL); ci = paired bootstrap 95% interval of the difference",
         "weight_averaging": f"start <-> {tuned_spec}, alphas {list(config.alphas)}; steps = the "
         "tuned model's, seconds = 0 (evaluations only)",
         "settings": dataclasses.asdict(config),
@@ -315,4 +344,6 @@ def run_demo(
             paths = write_results(out_dir, ctx.runs, meta)
     with open(os.path.join(cache_dir, "responses.json"), "w", encoding="utf-8") as f:
         json.dump(ctx.responses, f, indent=1, ensure_ascii=False)
+    with open(os.path.join(cache_dir, "outcomes.json"), "w", encoding="utf-8") as f:
+        json.dump(ctx.outcomes, f)
     return {"meta": meta, "runs": ctx.runs, "paths": paths}

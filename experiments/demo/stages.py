@@ -25,7 +25,15 @@ from experiments.demo.config import DemoConfig
 from experiments.demo.data import TrainingData
 from ogpsa_jax.experiment import targets
 from ogpsa_jax.experiment.timing import PhaseClock
-from ogpsa_jax.train import ModelConfig, OGPSAConfig, StageConfig, TrainConfig, train
+from ogpsa_jax.train import (
+    DPOConfig,
+    LoRASettings,
+    ModelConfig,
+    OGPSAConfig,
+    SFTConfig,
+    TrainConfig,
+    train,
+)
 
 
 def stage_train_config(
@@ -54,7 +62,10 @@ def stage_train_config(
         "ogpsa": ("gram_schmidt", len(reference), 0.0),
         "ogpsa-svd": ("svd", config.svd_k, 0.0),
         "ogpsa-gpm": ("activation", config.gpm_k, config.gpm_energy),
+        "ogpsa-lora": ("activation", config.gpm_k, config.gpm_energy),
     }
+    lora = method in ("lora", "ogpsa-lora")  # adapters only (LoRASettings), new per stage
+    lr = (config.sft_lr if sft else config.dpo_lr) * (config.lora_lr_scale if lora else 1.0)
     kind, k, energy = basis.get(method, ("gram_schmidt", len(reference), 0.0))
     og = OGPSAConfig(
         enabled=method in basis,
@@ -67,26 +78,26 @@ def stage_train_config(
         reference_batch_size=config.reference_batch,
         capture_rows=config.gpm_rows,
     )
-    st = StageConfig(
+    common = dict(
         data=data,
         epochs=math.ceil(steps * batch / max(n_rows, 1)) + 1,
         max_steps=steps,
         batch_size=batch,
         accum_steps=1,
         max_length=config.max_length,
-        learning_rate=config.sft_lr if sft else config.dpo_lr,
+        learning_rate=lr,
         schedule="cosine",
-        beta=config.dpo_beta,
         ogpsa=og,
     )
+    st = SFTConfig(**common) if sft else DPOConfig(**common, beta=config.dpo_beta)
     tokenizer = "" if config.model == "smollm2" else model_dir
     model = ModelConfig(
-        init="hf",
         path=model_dir,
         tokenizer=tokenizer,
         dtype=config.dtype,
         param_dtype="float32",
         frozen_layers=config.frozen_layers,
+        lora=LoRASettings(rank=config.lora_rank if lora else 0, alpha=config.lora_alpha),
     )
     base = TrainConfig(
         seed=config.seed,
@@ -102,12 +113,13 @@ def stage_train_config(
 
 
 def train_stage(kind: str, train_config: TrainConfig, run_dir: str) -> tuple[str, int, float]:
-    """Trains one stage (or reuses a finished identical run); returns (final dir, steps, s)."""
+    """Trains one stage (or reuses a finished identical run); returns (the trained model's HF
+    folder: ``final/``, or ``final-merged/`` for a LoRA run, steps, seconds)."""
     timing = os.path.join(run_dir, "demo_timing.json")
     t0 = time.perf_counter()
     result = train(kind, train_config, run_dir, overwrite=True)
     seconds = time.perf_counter() - t0
-    if result.final_dir is None:
+    if result.model_dir is None:
         raise RuntimeError(f"training in {run_dir} was preempted; rerun the demo to resume")
     if os.path.isfile(timing) and seconds < 5.0:  # reused a finished run: report its real cost
         with open(timing) as f:
@@ -115,7 +127,7 @@ def train_stage(kind: str, train_config: TrainConfig, run_dir: str) -> tuple[str
     else:
         with open(timing, "w") as f:
             json.dump({"seconds": seconds, "steps": result.step}, f)
-    return result.final_dir, result.step, seconds
+    return result.model_dir, result.step, seconds
 
 
 def stage_breakdown(run_dir: str) -> dict[str, float]:

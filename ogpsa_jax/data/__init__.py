@@ -13,6 +13,7 @@ from ogpsa_jax.data.batching import Batch, Batches, bucket_lengths, pad_batch, r
 from ogpsa_jax.data.chat import left_pad, pad_token_id, prompt_ids, render_chat, with_system_prompt
 from ogpsa_jax.data.encode import TRUNCATION_POLICIES, tokenize_preferences, tokenize_sft, truncate
 from ogpsa_jax.data.examples import Encoded, EncodedPair, PreferencePair, SFTExample
+from ogpsa_jax.data.files import looks_like_hub_id, source_kind
 from ogpsa_jax.data.sources import SCHEMAS, assets_path, load_preferences, load_sft
 
 # Aliases: one class serves both kinds (pairs are detected from the examples).
@@ -35,11 +36,13 @@ __all__ = [
     "left_pad",
     "load_preferences",
     "load_sft",
+    "looks_like_hub_id",
     "pad_batch",
     "pad_token_id",
     "prompt_ids",
     "reference_batches",
     "render_chat",
+    "source_kind",
     "tokenize_preferences",
     "tokenize_sft",
     "truncate",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import importlib.resources
-import json
 import logging
 import os
 import pathlib
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ogpsa_jax.data.examples import PreferencePair, SFTExample
+from ogpsa_jax.data.files import local_format, read_rows_by_hand, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ _HUB_DEFAULTS: dict[str, dict[str, str]] = {
     "HuggingFaceH4/ultrafeedback_binarized": {"sft": "train_sft", "prefs": "train_prefs"},
     "pminervini/HaluEval": {"name": "qa", "sft": "data", "prefs": "data"},
 }
-_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 Source = str | os.PathLike | Sequence[Mapping[str, Any]] | Any  # Any: a datasets.Dataset
 
@@ -210,49 +209,17 @@ def _detect_schema(columns: Iterable[str], name: str) -> str:
     )
 
 
-def _read_rows_by_hand(path: pathlib.Path) -> list[dict[str, Any]]:
-    """Parses a JSON/JSONL file line by line to name the first unreadable row."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: unreadable JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        lines = [(None, r) for r in data]
-    else:
-        lines = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}: row {len(lines)} (line {lineno}): unreadable JSON: {e.msg}"
-                ) from None
-    rows = []
-    for i, (lineno, row) in enumerate(lines):
-        if not isinstance(row, dict):
-            where = f"row {i}" + (f" (line {lineno})" if lineno else "")
-            raise ValueError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
 def _open(
     source: Source, split: str | None, name: str | None, kind: str
 ) -> tuple[str, Iterable[Mapping[str, Any]], list[str], Callable[[], list[dict]] | None]:
     """Returns (display name, rows, column names, by-hand re-reader for a local JSON file)."""
-    if isinstance(source, (str, os.PathLike)) and pathlib.Path(source).suffix in _FILE_FORMATS:
-        path = pathlib.Path(source)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such file")
+    where = source_kind(source) if isinstance(source, (str, os.PathLike)) else None
+    if where == "file":
+        path = pathlib.Path(os.fspath(source)).expanduser()
         import datasets
 
-        fmt = _FILE_FORMATS[path.suffix]
-        reread = (lambda: _read_rows_by_hand(path)) if fmt == "json" else None
+        fmt = local_format(path)
+        reread = (lambda: read_rows_by_hand(path)) if fmt == "json" else None
         try:
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 -- datasets raises many types; name the row instead
@@ -262,10 +229,10 @@ def _open(
             cols = sorted({k for r in rows for k in r})
             return str(path), rows, cols, None
         return str(path), ds, list(ds.column_names), reread
-    if isinstance(source, (str, os.PathLike)):
+    if where is not None:  # a local folder of data files, or a hub id
         import datasets
 
-        source = str(source)
+        source = str(pathlib.Path(os.fspath(source)).expanduser()) if where == "folder" else source
         defaults = _HUB_DEFAULTS.get(source, {})
         split = split or defaults.get(kind, "train")
         name = name or defaults.get("name")

@@ -1,5 +1,6 @@
-"""Evaluation for the alignment-tax experiment: shipped prompt sets, refusal judges,
-refusal rate, multiple choice by log-likelihood, GSM8K, drift, and an lm-eval adapter.
+"""Evaluation for the alignment-tax experiment: shipped prompt sets, refusal judges (and their
+agreement with people), refusal rate, multiple choice by log-likelihood, GSM8K, IFEval, drift,
+intervals and paired tests (``ogpsa_jax.eval.stats``), and an lm-eval adapter.
 
 Example:
     >>> from ogpsa_jax import eval as ev
@@ -8,6 +9,9 @@ Example:
     True
 """
 
+from ogpsa_jax.eval import stats
+from ogpsa_jax.eval.carriers import CARRIERS, DataFileError
+from ogpsa_jax.eval.choice_tasks import chance_rate, load_choice_task
 from ogpsa_jax.eval.drift import drift, reference_answers
 from ogpsa_jax.eval.generation import (
     encode_prompts,
@@ -22,15 +26,26 @@ from ogpsa_jax.eval.gsm8k import (
     gsm8k_mc_accuracy,
     score_gsm8k_responses,
 )
+from ogpsa_jax.eval.ifeval import (
+    evaluate_ifeval,
+    load_ifeval,
+    punkt_data_dir,
+    score_ifeval,
+    short_answer_rows,
+)
 from ogpsa_jax.eval.judge import (
     REFUSAL_PATTERNS,
+    AnchoredJudge,
     Judge,
     KeywordJudge,
     ModelJudge,
+    anchored_refusal_judge,
+    default_judge,
     parse_strongreject_rubric,
     refusal_judge,
     strongreject_rubric_prompt,
 )
+from ogpsa_jax.eval.judge_agreement import agreement, agreement_rows, load_judge_comparison
 from ogpsa_jax.eval.lm_eval_adapter import LMEvalAdapter
 from ogpsa_jax.eval.multiple_choice import check_mc_items, multiple_choice_accuracy
 from ogpsa_jax.eval.prompts import (
@@ -45,17 +60,36 @@ from ogpsa_jax.eval.prompts import (
 )
 from ogpsa_jax.eval.refusal import judge_refusals, refusal_rate
 from ogpsa_jax.eval.scoring import score_continuations
-from ogpsa_jax.eval.suite import (
+from ogpsa_jax.eval.suite import drift_reference, evaluate_alignment
+from ogpsa_jax.eval.suite_config import (
+    CHOICE_TASKS,
     EVAL_SETS,
+    TRUTHFULQA_NOTE,
     EvalConfig,
-    drift_reference,
-    evaluate_alignment,
     full_eval_config,
     load_eval_sets,
 )
 
 __all__ = [
+    "CARRIERS",
+    "CHOICE_TASKS",
     "EVAL_SETS",
+    "TRUTHFULQA_NOTE",
+    "AnchoredJudge",
+    "DataFileError",
+    "agreement",
+    "agreement_rows",
+    "anchored_refusal_judge",
+    "chance_rate",
+    "default_judge",
+    "evaluate_ifeval",
+    "load_choice_task",
+    "load_ifeval",
+    "load_judge_comparison",
+    "punkt_data_dir",
+    "score_ifeval",
+    "short_answer_rows",
+    "stats",
     "EvalConfig",
     "GSM8K_ANSWER_CUE",
     "HARMFUL_EVAL_SETS",

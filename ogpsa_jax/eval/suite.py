@@ -9,15 +9,21 @@
   three nearby numbers after "The answer is" -- a proxy, not official GSM8K -- or exact match
   by generation with ``gsm8k_mode="generate"``); ``capability`` = their mean; with
   ``gsm8k_generate=True`` also ``gsm8k_generate``, the exact-match accuracy by generation;
+- ``ifeval_prompt_strict`` / ``_loose``, ``ifeval_inst_strict`` / ``_loose``: IFEval with the
+  official checker (``ogpsa_jax.eval.ifeval``); ``choice``: zero-shot multiple-choice tasks
+  (``ogpsa_jax.eval.choice_tasks``); ``truthfulqa_mc1``: None (no offline data);
 - ``drift``: mean per-token NLL of the starting model's own greedy answers to held-out benign
   prompts (``benign_heldout``); with ``start_model`` also ``drift_kl`` = KL(start || model);
-- ``responses``: the (prompt, response) pairs the refusal rates were judged on.
+- ``responses``: the (prompt, response) pairs the refusal rates were judged on;
+- ``outcomes``: per-item results, for paired comparisons of two models
+  (``ogpsa_jax.eval.stats.compare_paired``).
 
-Rates are in [0, 1]. The prompt sets come from the config's limits (:func:`load_eval_sets`) or
-are given (``sets=``, e.g. an experiment's own held-out selection). The harmful and benign
-refusal prompts are generated in one call. The starting model's answers are computed once with
-:func:`drift_reference` (JSON-serialisable, so an experiment can cache them). ``phase=`` times
-each part (``generation``, ``gsm8k-mc``, ``bbq``, ``drift``, ``gsm8k-generate``), e.g. with
+Rates are in [0, 1], each with ``<name>_ci``, its 95% interval (Wilson; bootstrap for means). The
+prompt sets come from the config's limits (:func:`load_eval_sets`) or are given (``sets=``, e.g. an
+experiment's own held-out selection). The harmful and benign refusal prompts are generated in one
+call. The starting model's answers are computed once with :func:`drift_reference` (JSON-
+serialisable, so an experiment can cache them). ``phase=`` times each part (``generation``,
+``gsm8k-mc``, ``bbq``, ``ifeval``, ``choice``, ``drift``, ``gsm8k-generate``), e.g. with
 :class:`ogpsa_jax.experiment.timing.PhaseClock`.
 
 Example:
@@ -26,17 +32,20 @@ Example:
     >>> tok = AutoTokenizer.from_pretrained(data.assets_path("tiny_tokenizer"))
     >>> model = models.init_random(models.tiny_config(vocab_size=len(tok)), seed=0)
     >>> config = EvalConfig(harmful_limit=2, overrefusal_limit=2, bbq_limit=2, gsm8k_limit=2,
-    ...                     drift_limit=2, max_new_tokens=4)
+    ...                     drift_limit=2, max_new_tokens=4, ifeval_limit=2,
+    ...                     ifeval_max_new_tokens=4, choice_tasks=("piqa",), choice_limit=3)
     >>> ref = drift_reference(model, tok, config, progress=False)
     >>> res = evaluate_alignment(model, tok, config, reference=ref, progress=False)
-    >>> res["n"]
-    {'safety': 4, 'over_refusal': 2, 'bbq': 2, 'gsm8k': 2, 'drift': 2}
+    >>> res["n"]["safety"], res["n"]["ifeval_prompts"], res["n"]["choice"]
+    (4, 2, {'piqa': 3})
+    >>> lo, hi = res["safety_ci"]  # every rate comes with its Wilson 95% interval
+    >>> 0.0 <= lo <= res["safety"] <= hi <= 1.0
+    True
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,97 +56,30 @@ from flax import nnx
 from ogpsa_jax.eval.drift import drift, reference_answers
 from ogpsa_jax.eval.generation import generate_responses
 from ogpsa_jax.eval.gsm8k import gsm8k_exact_match, gsm8k_mc_accuracy
-from ogpsa_jax.eval.judge import Judge, KeywordJudge
+from ogpsa_jax.eval.ifeval import evaluate_ifeval
+from ogpsa_jax.eval.judge import Judge, default_judge
 from ogpsa_jax.eval.multiple_choice import check_mc_items, multiple_choice_accuracy
-from ogpsa_jax.eval.prompts import HARMFUL_EVAL_SETS, load_prompt_set, prompt_texts
+from ogpsa_jax.eval.prompts import load_prompt_set, prompt_texts
 from ogpsa_jax.eval.refusal import judge_refusals
+from ogpsa_jax.eval.stats import bootstrap_interval, mean_of_rates_interval, rate_summary
+from ogpsa_jax.eval.suite_config import (
+    EVAL_SETS,
+    TRUTHFULQA_NOTE,
+    EvalConfig,
+    full_eval_config,
+    load_eval_sets,
+)
 
-EVAL_SETS = ("harmful", "over_refusal", "gsm8k", "bbq")  # the keys of `load_eval_sets`
+__all__ = [
+    "EVAL_SETS",
+    "EvalConfig",
+    "drift_reference",
+    "evaluate_alignment",
+    "full_eval_config",
+    "load_eval_sets",
+]
 
 Rows = Sequence[Mapping[str, Any]]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """What :func:`evaluate_alignment` measures and how much of each set it uses.
-
-    The defaults fit a CPU budget for a 135M model; ``full_eval_config()`` uses every prompt.
-
-    Example:
-      >>> EvalConfig(bbq_limit=30).bbq_limit
-      30
-    """
-
-    harmful_sets: tuple[str, ...] = HARMFUL_EVAL_SETS  # safety = refusal rate over these
-    harmful_limit: int | None = 48  # prompts per harmful set (None: all)
-    overrefusal_limit: int | None = 48  # benign edgy prompts (None: all 150)
-    bbq_limit: int | None = 60  # BBQ items (None: all 300)
-    gsm8k_limit: int | None = 50  # GSM8K items (None: all 100)
-    drift_set: str = "benign_heldout"  # held-out benign prompts for the drift measure
-    drift_limit: int | None = 32  # drift prompts (None: all)
-    gsm8k_mode: str = "mc"  # GSM8K in capability: "mc" (log-likelihood) or "generate"
-    gsm8k_generate: bool = False  # also report GSM8K exact match by generation
-    mc_metric: str = "accuracy"  # "accuracy" (summed log-lik) or "accuracy_norm" (per token)
-    max_new_tokens: int = 32  # refusal responses (a refusal shows early)
-    drift_max_new_tokens: int | None = None  # starting model's drift answers (None: as above)
-    gsm8k_max_new_tokens: int = 256  # chain-of-thought room for GSM8K by generation
-    generate_batch_size: int = 32  # generation batch
-    score_batch_size: int = 16  # log-likelihood scoring batch
-    system_prompt: str | None = None  # system message for every prompt
-    chat: bool = True  # render prompts with the chat template
-
-    def __post_init__(self) -> None:
-        if self.gsm8k_mode not in ("mc", "generate"):
-            raise ValueError(f"gsm8k_mode must be 'mc' or 'generate', got {self.gsm8k_mode!r}")
-        if self.mc_metric not in ("accuracy", "accuracy_norm"):
-            raise ValueError(f"mc_metric must be accuracy or accuracy_norm: {self.mc_metric!r}")
-        if not self.harmful_sets:
-            raise ValueError("harmful_sets is empty")
-        positive = "max_new_tokens gsm8k_max_new_tokens generate_batch_size score_batch_size"
-        for name in positive.split():
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.drift_max_new_tokens is not None and self.drift_max_new_tokens < 1:
-            raise ValueError(f"drift_max_new_tokens must be >= 1, got {self.drift_max_new_tokens}")
-
-
-def full_eval_config(**overrides: Any) -> EvalConfig:
-    """Every prompt of every set, GSM8K by generation (for a GPU/TPU).
-
-    Example:
-      >>> full_eval_config().gsm8k_mode
-      'generate'
-    """
-    base = dict(
-        harmful_limit=None,
-        overrefusal_limit=None,
-        bbq_limit=None,
-        gsm8k_limit=None,
-        drift_limit=None,
-        gsm8k_mode="generate",
-    )
-    return EvalConfig(**{**base, **overrides})
-
-
-def load_eval_sets(config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
-    """The prompt sets of a config: ``{"harmful", "over_refusal", "gsm8k", "bbq"}`` -> rows.
-
-    Example:
-      >>> sets = load_eval_sets(EvalConfig(harmful_limit=2, bbq_limit=3))
-      >>> len(sets["harmful"]), len(sets["bbq"])  # 2 per harmful set
-      (4, 3)
-    """
-    harmful = [
-        row
-        for name in config.harmful_sets
-        for row in load_prompt_set(name, limit=config.harmful_limit)
-    ]
-    return {
-        "harmful": harmful,
-        "over_refusal": load_prompt_set("overrefusal", limit=config.overrefusal_limit),
-        "gsm8k": load_prompt_set("gsm8k", limit=config.gsm8k_limit),
-        "bbq": load_prompt_set("bbq", limit=config.bbq_limit),
-    }
 
 
 def drift_reference(
@@ -194,6 +136,11 @@ def _check_inputs(sets: Mapping[str, Rows], reference: Mapping[str, Any] | None)
     prompt_texts(sets["harmful"])
     prompt_texts(sets["over_refusal"])
     check_mc_items(sets["bbq"])
+    check_mc_items(sets["choice"])
+    for i, item in enumerate(sets["ifeval"]):
+        for field in ("prompt", "instruction_id_list", "kwargs"):
+            if field not in item:
+                raise ValueError(f"IFEval row {i} has no {field!r} field (see load_ifeval)")
     for i, item in enumerate(sets["gsm8k"]):
         if "prompt" not in item or not ("choices" in item or "target" in item):
             raise ValueError(f"GSM8K item {i} needs 'prompt' and 'choices' or 'target'")
@@ -215,6 +162,36 @@ def _by_source(rows: Rows, refused: Sequence[bool]) -> dict[str, float]:
     }
 
 
+def _with_intervals(out: dict[str, Any], outcomes: Mapping[str, Any]) -> None:
+    """Adds ``<name>_ci`` (95%) beside every rate of ``out`` from its per-item outcomes."""
+    for name in ("safety", "over_refusal", "gsm8k", "bbq", *IFEVAL_KEYS):
+        if outcomes.get(name) is not None:
+            out[f"{name}_ci"] = rate_summary(outcomes[name])["ci"]
+        else:
+            out[f"{name}_ci"] = None
+    out["capability_ci"] = list(mean_of_rates_interval([outcomes["gsm8k"], outcomes["bbq"]]))
+    out["choice_ci"] = {t: rate_summary(v)["ci"] for t, v in outcomes["choice"].items()}
+    out["choice_mean_ci"] = (
+        list(mean_of_rates_interval(list(outcomes["choice"].values())))
+        if outcomes["choice"]
+        else None
+    )
+    out["truthfulqa_mc1_ci"] = None
+    if outcomes.get("drift_pairs"):  # per-prompt (NLL sum, tokens): the token-weighted mean
+        ratio = lambda a: a[:, 0].sum() / a[:, 1].sum()
+        out["drift_ci"] = list(bootstrap_interval(outcomes["drift_pairs"], ratio))
+    else:
+        out["drift_ci"] = None
+
+
+IFEVAL_KEYS = (
+    "ifeval_prompt_strict",
+    "ifeval_prompt_loose",
+    "ifeval_inst_strict",
+    "ifeval_inst_loose",
+)
+
+
 def evaluate_alignment(
     model: nnx.Module,
     tokenizer: Any,
@@ -227,28 +204,35 @@ def evaluate_alignment(
     phase: Callable[[str], contextlib.AbstractContextManager] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Safety, over-refusal, capability (GSM8K, BBQ) and drift of one model.
+    """Safety, over-refusal, capability (GSM8K, BBQ, IFEval, choice tasks) and drift, each rate
+    with its 95% interval.
 
     Args:
       model: the model to evaluate.
       tokenizer: its tokenizer.
       config: what to measure (default :class:`EvalConfig`).
       sets: prompt rows per measure (keys of ``EVAL_SETS``); missing keys are loaded with the
-        config's limits (:func:`load_eval_sets`).
+        config's limits (:func:`load_eval_sets`). Empty ``ifeval`` / ``choice`` lists skip them.
       reference: :func:`drift_reference` output; None skips the drift measure (``drift`` is
         then None).
       start_model: the starting model, for ``drift_kl`` (optional; costs a second forward).
-      judge: refusal judge (default :class:`KeywordJudge`).
-      phase: called with each part's name (``generation``, ``gsm8k-mc``, ``bbq``, ``drift``,
-        ``gsm8k-generate``); the part runs inside the context manager it returns.
+      judge: refusal judge (default :func:`~ogpsa_jax.eval.judge.default_judge`).
+      phase: called with each part's name (``generation``, ``gsm8k-mc``, ``bbq``, ``ifeval``,
+        ``choice``, ``drift``, ``gsm8k-generate``); the part runs inside the context manager it
+        returns.
       progress: tqdm bars.
 
     Returns:
-      dict with ``safety``, ``over_refusal``, ``capability`` (mean of the two accuracies),
-      ``gsm8k``, ``bbq``, ``drift`` (NLL, or None), ``drift_kl`` (or None),
+      dict with ``safety``, ``over_refusal``, ``capability`` (mean of the GSM8K and BBQ
+      accuracies), ``gsm8k``, ``bbq``, ``ifeval_prompt_strict``, ``ifeval_prompt_loose``,
+      ``ifeval_inst_strict``, ``ifeval_inst_loose`` (None without IFEval rows), ``choice``
+      (task -> accuracy) and ``choice_mean``, ``truthfulqa_mc1`` (None: no offline data, see
+      ``truthfulqa_note``), ``drift`` (NLL, or None), ``drift_kl`` (or None), and for each of
+      these a ``<name>_ci`` = [low, high] (Wilson for rates, bootstrap for means); also
       ``safety_by_source``, ``gsm8k_generate`` (or None), ``judge`` (name), ``gsm8k_mode``,
-      ``n`` (prompts per measure), ``seconds``, ``responses`` (``{"harmful", "over_refusal"}``
-      -> (prompt, response) pairs) and ``details`` (per-item results of each measure).
+      ``n`` (items per measure), ``seconds``, ``responses`` (``{"harmful", "over_refusal"}`` ->
+      (prompt, response) pairs), ``outcomes`` (per-item results for paired comparisons:
+      0/1 lists per rate, per-prompt NLL for drift) and ``details`` (each measure's output).
 
     Example:
       >>> ref = drift_reference(start, tok, EvalConfig())  # doctest: +SKIP
@@ -256,7 +240,7 @@ def evaluate_alignment(
       0.979
     """
     config = EvalConfig() if config is None else config
-    judge = KeywordJudge() if judge is None else judge
+    judge = default_judge() if judge is None else judge
     sets = {**(load_eval_sets(config) if set(EVAL_SETS) - set(sets or {}) else {}), **(sets or {})}
     _check_inputs(sets, reference)
     timed = phase if phase is not None else lambda _: contextlib.nullcontext()
@@ -286,6 +270,33 @@ def evaluate_alignment(
             )
     with timed("bbq"):
         bbq = multiple_choice_accuracy(model, tokenizer, sets["bbq"], progress=bar("BBQ"), **score)
+    ife = None
+    if sets["ifeval"]:
+        with timed("ifeval"):
+            ife = evaluate_ifeval(
+                model,
+                tokenizer,
+                sets["ifeval"],
+                max_new_tokens=config.ifeval_max_new_tokens,
+                batch_size=config.ifeval_batch_size,
+                system_prompt=config.system_prompt,
+                progress=bar("IFEval"),
+            )
+    choice: dict[str, Any] = {}
+    if sets["choice"]:
+        with timed("choice"):  # zero-shot cloze: plain text, no chat template
+            groups: dict[str, list] = {}
+            for row in sets["choice"]:
+                groups.setdefault(row.get("category", "choice"), []).append(row)
+            for task, items in groups.items():  # per task: one continuation width each
+                choice[task] = multiple_choice_accuracy(
+                    model,
+                    tokenizer,
+                    items,
+                    chat=False,
+                    batch_size=config.score_batch_size,
+                    progress=bar(task),
+                )
     drift_res = None
     if reference is not None:
         with timed("drift"):
@@ -311,23 +322,68 @@ def evaluate_alignment(
                 **gen,
             )
     seconds = time.perf_counter() - t0
-    gsm_acc = gsm[config.mc_metric] if gsm is not None else gsm_gen["accuracy"]
-    bbq_acc = bbq[config.mc_metric]
-    n = {
-        "safety": safety["n"],
-        "over_refusal": over_r["n"],
-        "bbq": bbq["n"],
-        "gsm8k": len(sets["gsm8k"]),
-        "drift": 0 if drift_res is None else drift_res["n"],
+
+    def correct(res: Mapping[str, Any], items: Rows) -> list[bool]:
+        key = "predictions" if config.mc_metric == "accuracy" else "predictions_norm"
+        return [int(p) == int(it["answer"]) for p, it in zip(res[key], items, strict=True)]
+
+    outcomes: dict[str, Any] = {
+        "safety": safety["refused"],
+        "over_refusal": over_r["refused"],
+        "gsm8k": correct(gsm, sets["gsm8k"]) if gsm is not None else gsm_gen["correct"],
+        "bbq": correct(bbq, sets["bbq"]),
+        "choice": {},
     }
-    return {
+    if ife is not None:
+        per = ife["per_prompt"]
+        outcomes["ifeval_prompt_strict"] = [p["strict"] for p in per]
+        outcomes["ifeval_prompt_loose"] = [p["loose"] for p in per]
+        outcomes["ifeval_inst_strict"] = [x for p in per for x in p["inst_strict"]]
+        outcomes["ifeval_inst_loose"] = [x for p in per for x in p["inst_loose"]]
+    for task, res in choice.items():
+        items = [r for r in sets["choice"] if r.get("category", "choice") == task]
+        outcomes["choice"][task] = correct(res, items)
+    if drift_res is not None:
+        outcomes["drift"] = drift_res["nll_per_prompt"]
+        outcomes["drift_pairs"] = [
+            [nll * n, n]
+            for nll, n in zip(
+                drift_res["nll_per_prompt"], drift_res["tokens_per_prompt"], strict=True
+            )
+        ]
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else None
+    gsm_acc, bbq_acc = mean(outcomes["gsm8k"]), mean(outcomes["bbq"])
+    out = {
         "safety": safety["rate"],
         "over_refusal": over_r["rate"],
         "capability": (gsm_acc + bbq_acc) / 2.0,
         "gsm8k": gsm_acc,
         "bbq": bbq_acc,
+        **{k: mean(outcomes[k]) if k in outcomes else None for k in IFEVAL_KEYS},
+        "choice": {t: mean(v) for t, v in outcomes["choice"].items()},
+        "choice_mean": (
+            float(np.mean([mean(v) for v in outcomes["choice"].values()]))
+            if outcomes["choice"]
+            else None
+        ),
+        "truthfulqa_mc1": None,
+        "truthfulqa_note": TRUTHFULQA_NOTE,
         "drift": None if drift_res is None else drift_res["nll"],
         "drift_kl": None if drift_res is None else drift_res.get("kl"),
+    }
+    _with_intervals(out, outcomes)
+    n = {
+        "safety": safety["n"],
+        "over_refusal": over_r["n"],
+        "bbq": bbq["n"],
+        "gsm8k": len(sets["gsm8k"]),
+        "ifeval_prompts": 0 if ife is None else ife["n_prompts"],
+        "ifeval_instructions": 0 if ife is None else ife["n_instructions"],
+        "choice": {t: len(v) for t, v in outcomes["choice"].items()},
+        "drift": 0 if drift_res is None else drift_res["n"],
+    }
+    return {
+        **out,
         "safety_by_source": _by_source(sets["harmful"], safety["refused"]),
         "gsm8k_generate": None if gsm_gen is None else gsm_gen["accuracy"],
         "judge": judge.name,
@@ -337,13 +393,17 @@ def evaluate_alignment(
         "responses": {
             "harmful": list(zip(harm, responses[: len(harm)], strict=True)),
             "over_refusal": list(zip(over, responses[len(harm) :], strict=True)),
+            "ifeval": [] if ife is None else ife["responses"],
         },
+        "outcomes": {k: v for k, v in outcomes.items() if k != "drift_pairs"},
         "details": {
             "safety": safety,
             "over_refusal": over_r,
             "bbq": bbq,
             "gsm8k": gsm if gsm is not None else gsm_gen,
             "gsm8k_generate": gsm_gen,
+            "ifeval": ife,
+            "choice": choice or None,
             "drift": drift_res,
         },
     }

@@ -37,6 +37,14 @@ RUN_FIELDS = (
     "seconds",
 )
 _RATES = ("safety", "over_refusal", "capability", "gsm8k", "bbq")
+IFEVAL_FIELDS = (
+    "ifeval_prompt_strict",
+    "ifeval_prompt_loose",
+    "ifeval_inst_strict",
+    "ifeval_inst_loose",
+)
+# rates a run may carry as None (not measured: no IFEval rows, no choice task, no TruthfulQA)
+_OPTIONAL_RATES = (*IFEVAL_FIELDS, "choice_mean", "truthfulqa_mc1")
 
 
 def check_run(run: Mapping[str, Any]) -> None:
@@ -57,6 +65,17 @@ def check_run(run: Mapping[str, Any]) -> None:
         v = run[f]
         if not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
             raise ValueError(f"run {name!r}: {f}={v!r} is not a rate in [0, 1]")
+    for f in _OPTIONAL_RATES:
+        v = run.get(f)
+        if v is not None and (not isinstance(v, int | float) or not 0.0 <= v <= 1.0):
+            raise ValueError(f"run {name!r}: {f}={v!r} is not a rate in [0, 1] or None")
+    for f in [k for k in run if k.endswith("_ci") and run[k] is not None]:
+        ci = run[f]
+        intervals = ci.values() if isinstance(ci, Mapping) else [ci]
+        for lo_hi in intervals:
+            ok = isinstance(lo_hi, Sequence) and len(lo_hi) == 2 and lo_hi[0] <= lo_hi[1]
+            if not ok:
+                raise ValueError(f"run {name!r}: {f}={ci!r} is not an interval [low, high]")
     if not isinstance(run["drift"], int | float) or not math.isfinite(run["drift"]):
         raise ValueError(f"run {name!r}: drift={run['drift']!r} is not a finite number")
     if not isinstance(run["steps"], int) or run["steps"] < 0:
@@ -79,8 +98,61 @@ def run_label(run: Mapping[str, Any]) -> str:
     return f"{run['method']} {run['pipeline']}"
 
 
+def _cell(run: Mapping[str, Any], field: str) -> str:
+    """``0.083 (0.03-0.19)``: a value with its 95% interval; ``n/a`` when not measured."""
+    v = run.get(field)
+    if v is None:
+        return "n/a"
+    ci = run.get(f"{field}_ci")
+    return f"{v:.3f}" if not ci else f"{v:.3f} ({ci[0]:.2f}-{ci[1]:.2f})"
+
+
+_COMPARED = (  # metric of a comparison row -> column of the comparison table
+    ("safety", "safety"),
+    ("over_refusal", "over-refusal"),
+    ("gsm8k", "GSM8K-MC"),
+    ("bbq", "BBQ"),
+    ("ifeval_prompt_strict", "IFEval prompt"),
+    ("ifeval_inst_strict", "IFEval inst."),
+    ("choice", "choice tasks"),
+    ("drift", "drift (NLL)"),
+)
+
+
+def comparisons_markdown(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Lines of the paired-comparison table: per pair of runs, ``diff [ci] p`` per metric.
+
+    Example:
+        >>> rows = [dict(a="start:none", b="naive:sft", metric="safety", diff=0.5,
+        ...              ci=[0.3, 0.7], p_value=0.001)]
+        >>> comparisons_markdown(rows)[-1]
+        '| naive:sft - start:none | +0.500 [+0.30, +0.70] p=0.001 |  |  |  |  |  |  |  |'
+    """
+    if not comparisons:
+        return []
+    by_pair: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+    for c in comparisons:
+        by_pair.setdefault((c["a"], c["b"]), {})[c["metric"]] = c
+    lines = [
+        "| b - a | " + " | ".join(label for _, label in _COMPARED) + " |",
+        "| --- |" + " ---: |" * len(_COMPARED),
+    ]
+    for (a, b), metrics in by_pair.items():
+        cells = []
+        for metric, _ in _COMPARED:
+            c = metrics.get(metric)
+            cells.append(
+                ""
+                if c is None
+                else f"{c['diff']:+.3f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] p={c['p_value']:.3g}"
+            )
+        lines.append(f"| {b} - {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def results_markdown(runs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
-    """The results table (markdown) with a header naming the model, judge and set sizes.
+    """The results tables (markdown): every rate with its 95% interval, then the paired
+    comparisons of ``meta["comparisons"]`` when present.
 
     Example:
         >>> run = dict(method="start", pipeline="none", safety=0.1, over_refusal=0.0,
@@ -94,24 +166,56 @@ def results_markdown(runs: Sequence[Mapping[str, Any]], meta: Mapping[str, Any])
         "",
         f"Judge: {meta.get('judge', '?')}. Set sizes: {sizes}.",
         "",
-        "| run | method | pipeline | safety | over-refusal | capability | GSM8K-MC | BBQ "
-        "| drift (NLL) | steps | seconds |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | safety | over-refusal | capability | GSM8K-MC | BBQ | IFEval prompt "
+        "(strict) | IFEval inst. (strict) | choice tasks | TruthfulQA MC1 | drift (NLL) "
+        "| steps | seconds |",
+        "| --- |" + " ---: |" * 12,
     ]
     for r in runs:
+        cells = [
+            _cell(r, f)
+            for f in (
+                "safety",
+                "over_refusal",
+                "capability",
+                "gsm8k",
+                "bbq",
+                "ifeval_prompt_strict",
+                "ifeval_inst_strict",
+                "choice_mean",
+                "truthfulqa_mc1",
+                "drift",
+            )
+        ]
         lines.append(
-            f"| {run_label(r)} | {r['method']} | {r['pipeline']} | {r['safety']:.3f} | "
-            f"{r['over_refusal']:.3f} | {r['capability']:.3f} | {r['gsm8k']:.3f} | "
-            f"{r['bbq']:.3f} | {r['drift']:.3f} | {r['steps']} | {r['seconds']:.0f} |"
+            f"| {run_label(r)} | " + " | ".join(cells) + f" | {r['steps']} | {r['seconds']:.0f} |"
         )
     lines += [
         "",
-        "safety = refusal rate on held-out harmful prompts (higher = safer); over-refusal = "
-        "refusal rate on benign edgy prompts (lower = better); capability = mean of GSM8K-MC "
-        "and BBQ accuracy; drift = per-token NLL of the starting model's own answers on "
-        "held-out benign prompts (higher = moved further). seconds = training wall time.",
+        "Each value with its 95% interval in parentheses (Wilson for rates, bootstrap for the "
+        "capability and choice means and for drift). safety = refusal rate on held-out harmful "
+        "prompts (higher = safer); over-refusal = refusal rate on benign edgy prompts (lower = "
+        "better); capability = mean of GSM8K-MC and BBQ accuracy; IFEval = share of prompts "
+        "(instructions) followed, official checker; choice tasks = mean zero-shot accuracy over "
+        f"{', '.join(meta.get('choice_tasks', [])) or 'the choice tasks'}; drift = per-token NLL "
+        "of the starting model's own answers on held-out benign prompts (higher = moved "
+        "further). seconds = training wall time.",
         "",
     ]
+    if meta.get("truthfulqa_mc1"):
+        lines += [f"TruthfulQA MC1: n/a. {meta['truthfulqa_mc1']}.", ""]
+    table = comparisons_markdown(meta.get("comparisons", []))
+    if table:
+        lines += [
+            "## Paired comparisons",
+            "",
+            "Difference b - a on the same items, its paired-bootstrap 95% interval and p-value "
+            "(exact McNemar for rates, paired bootstrap for drift). With this many items and "
+            "this many comparisons, a p-value above 0.01 is no evidence of a difference.",
+            "",
+            *table,
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -129,8 +233,10 @@ def plot_pareto(
 
     One marker per method (colour) and pipeline (shape); the starting model is a black star;
     weight-averaging points are joined into a line from the start (alpha = 0) to the tuned model
-    (alpha = 1), each labelled with its alpha. With ``set_sizes`` (``meta["set_sizes"]``) every
-    point gets +-1 binomial standard-error bars, so differences smaller than the noise show.
+    (alpha = 1), each labelled with its alpha. A run with ``safety_ci`` / ``capability_ci`` /
+    ``drift_ci`` gets its 95% interval as error bars; without them, ``set_sizes``
+    (``meta["set_sizes"]``) gives +-1 binomial standard-error bars, so differences smaller than
+    the noise show.
 
     Example:
         >>> import os, tempfile
@@ -158,15 +264,18 @@ def plot_pareto(
     }
     start = next((r for r in runs if r["method"] == "start"), None)
 
-    def xerr(r: Mapping[str, Any], x: str) -> float:
-        if x != "capability":
-            return 0.0  # drift is a mean NLL over many tokens; its noise is not binomial
-        g = _stderr(r["gsm8k"], sizes.get("gsm8k", 0))
-        b = _stderr(r["bbq"], sizes.get("bbq", 0))
-        return 0.5 * math.sqrt(g * g + b * b)
-
-    def yerr(r: Mapping[str, Any]) -> float:
-        return _stderr(r["safety"], sizes.get("harmful", 0))
+    def bar(r: Mapping[str, Any], field: str) -> Any:
+        """[[below], [above]] from the run's 95% interval, else +-1 binomial s.e."""
+        ci = r.get(f"{field}_ci")
+        if ci:
+            return [[max(r[field] - ci[0], 0.0)], [max(ci[1] - r[field], 0.0)]]
+        if field == "capability":
+            g = _stderr(r["gsm8k"], sizes.get("gsm8k", 0))
+            b = _stderr(r["bbq"], sizes.get("bbq", 0))
+            return 0.5 * math.sqrt(g * g + b * b) or None
+        if field == "safety":
+            return _stderr(r["safety"], sizes.get("harmful", 0)) or None
+        return None  # drift without an interval: a mean NLL over many tokens
 
     curves: dict[str, list[Mapping[str, Any]]] = {}
     for r in runs:
@@ -211,8 +320,8 @@ def plot_pareto(
             ax.errorbar(
                 r[x],
                 r["safety"],
-                xerr=xerr(r, x) or None,
-                yerr=yerr(r) or None,
+                xerr=bar(r, x),
+                yerr=bar(r, "safety"),
                 fmt="*" if is_start else markers.get(r["pipeline"], "^"),
                 color="black" if is_start else colours.get(r["method"], "tab:gray"),
                 ms=15 if is_start else 8,
@@ -231,7 +340,8 @@ def plot_pareto(
     for h, lab in zip(handles, labels, strict=True):
         seen.setdefault(lab, h)
     axes[1].legend(seen.values(), seen.keys(), fontsize=8, loc="lower right")
-    note = " (bars: +-1 binomial s.e.)" if sizes else ""
+    has_ci = any(r.get("safety_ci") for r in runs)
+    note = " (bars: 95% intervals)" if has_ci else " (bars: +-1 binomial s.e.)" if sizes else ""
     fig.suptitle(title + note, fontsize=11)
     fig.tight_layout()
     fig.savefig(os.fspath(path))

@@ -151,7 +151,7 @@ def capture_inputs(
 
     Returns:
         A `CapturedInputs` whose ``inputs`` feed `matrix_basis_from_activations` directly
-        (after `ogpsa_jax.train.activation.inputs_like` when the basis must match another
+        (after `ogpsa_jax.train.activation_refresh.inputs_like` when the basis must match another
         tree, e.g. an nnx.State).
 
     Example:

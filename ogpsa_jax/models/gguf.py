@@ -38,7 +38,14 @@ from ogpsa_jax.models.gguf_metadata import build_tokenizer, llama_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MARKER_FILE", "convert_cached", "convert_gguf", "smollm2_path", "unpermute_qk"]
+__all__ = [
+    "MARKER_FILE",
+    "convert_cached",
+    "convert_gguf",
+    "smollm2_cache_dir",
+    "smollm2_path",
+    "unpermute_qk",
+]
 
 # Bumped whenever the output of `convert_gguf` changes, so cached folders are rebuilt.
 _CONVERTER_VERSION = 1
@@ -339,9 +346,21 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
       >>> tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # doctest: +SKIP
     """
     if cache_dir is None:
-        root = os.environ.get("OGPSA_CACHE") or Path.home() / ".cache" / "ogpsa_jax"
-        cache_dir = Path(root) / _SMOLLM2_DIR
+        cache_dir = smollm2_cache_dir()
     return convert_cached(_smollm2_gguf(), Path(cache_dir).expanduser())
+
+
+def smollm2_cache_dir() -> Path:
+    """Where `smollm2_path` keeps the converted model (about 540 MB) by default:
+    ``$OGPSA_CACHE/smollm2-135m-instruct``, or ``~/.cache/ogpsa_jax/smollm2-135m-instruct``
+    when ``OGPSA_CACHE`` is not set.
+
+    Example:
+      >>> smollm2_cache_dir().name
+      'smollm2-135m-instruct'
+    """
+    root = os.environ.get("OGPSA_CACHE") or Path.home() / ".cache" / "ogpsa_jax"
+    return Path(root).expanduser() / _SMOLLM2_DIR
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -337,6 +337,25 @@ def merge_lora(model: Decoder) -> Decoder:
     return out
 
 
+def remove_lora(model: Decoder) -> Decoder:
+    """A copy of `model` without its adapters: the base model they were added to.
+
+    Example:
+        >>> from ogpsa_jax.models import init_random, tiny_config
+        >>> base = init_random(tiny_config())
+        >>> model = add_lora(base, LoRAConfig(rank=4, alpha=8, targets="q"))
+        >>> again = remove_lora(model)
+        >>> same = jnp.array_equal(again.layers.q_proj[...], base.layers.q_proj[...])
+        >>> again.lora is None, bool(same), hasattr(again.layers, "q_proj_lora")
+        (True, True, False)
+    """
+    out = nnx.clone(model)
+    for t in adapters(out):
+        delattr(out.layers, adapter_key(t))
+    out.lora = None
+    return out
+
+
 __all__ = [
     "LoRAAdapter",
     "LoRAConfig",
@@ -349,4 +368,5 @@ __all__ = [
     "lora_shapes",
     "merge_lora",
     "merged_weight",
+    "remove_lora",
 ]

@@ -214,6 +214,113 @@ def _check_base(c: dict[str, Any], where: str, config: DecoderConfig) -> None:
         )
 
 
+def is_peft_folder(path: str | os.PathLike) -> bool:
+    """True for a PEFT adapter folder (``adapter_config.json`` and no model ``config.json``).
+
+    Example:
+        >>> is_peft_folder("/nonexistent")
+        False
+    """
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and not os.path.isfile(
+        os.path.join(path, "config.json")
+    )
+
+
+def _read_config(path: str) -> tuple[str, dict[str, Any]]:
+    cfg_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"no {CONFIG_FILE} in {path}: not a PEFT adapter folder")
+    if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+        raise ValueError(f"no {WEIGHTS_FILE} in {path} (only safetensors adapters are read)")
+    try:
+        with open(cfg_file) as f:
+            return cfg_file, json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_file} is not readable JSON: {e}") from None
+
+
+def peft_base_folder(path: str | os.PathLike) -> str:
+    """The local base-model folder an adapter folder names (``base_model_name_or_path``).
+
+    Args:
+        path: a PEFT adapter folder.
+
+    Returns:
+        The base folder, as written (absolute for the folders `save_peft` writes).
+
+    Raises:
+        ValueError: the folder is not a PEFT adapter folder, or its base is not a local folder
+            with a ``config.json`` (e.g. a hub id: load that base and use `load_peft`).
+
+    Example:
+        >>> peft_base_folder("adapter/")  # doctest: +SKIP
+        '/abs/path/base'
+    """
+    path = os.fspath(path)
+    cfg_file, c = _read_config(path)
+    base = c.get("base_model_name_or_path")
+    if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
+        raise ValueError(
+            f"{cfg_file}: base_model_name_or_path {base!r} is not a local model folder with a "
+            "config.json (download the base and point the adapter at it)"
+        )
+    return base
+
+
+def check_peft(path: str | os.PathLike, config: DecoderConfig) -> tuple[LoRAConfig, str]:
+    """Checks a PEFT LoRA folder against a base architecture, reading no tensor data.
+
+    Args:
+        path: a folder with adapter_config.json and adapter_model.safetensors.
+        config: the base decoder's architecture.
+
+    Returns:
+        (the adapters' `LoRAConfig`, the weights file).
+
+    Raises:
+        ValueError: no such files, not a LORA / CAUSAL_LM adapter, settings we do not
+            implement, target modules the decoder lacks, a local base model of another
+            architecture or size, missing or unexpected tensors, or shapes that do not fit.
+
+    Example:
+        >>> check_peft("adapter/", load_hf("base/").config)  # doctest: +SKIP
+        (LoRAConfig(rank=16, ...), 'adapter/adapter_model.safetensors')
+    """
+    path = os.fspath(path)
+    cfg_file, c = _read_config(path)
+    weights_file = os.path.join(path, WEIGHTS_FILE)
+    lora = _lora_config(c, cfg_file, config)
+    _check_base(c, cfg_file, config)
+    shapes = lora_shapes(lora, config)
+    expected = {}
+    for t, (shape_a, shape_b) in shapes.items():
+        for i in range(config.num_layers):
+            expected[peft_tensor_name(i, t, "A")] = (shape_a[2], shape_a[1])  # [r, d_in]
+            expected[peft_tensor_name(i, t, "B")] = (shape_b[2], shape_b[1])  # [d_out, r]
+    try:
+        with safe_open(weights_file, framework="numpy") as f:
+            present = set(f.keys())
+            got = {n: tuple(f.get_slice(n).get_shape()) for n in expected if n in present}
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {e}") from None
+    missing, extra = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{weights_file} does not match its config on this base model: missing tensors "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected tensors "
+            f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
+        )
+    wrong = {n: (got[n], want) for n, want in expected.items() if got[n] != want}
+    if wrong:
+        first = dict(list(wrong.items())[:4])
+        raise ValueError(
+            f"{weights_file}: {len(wrong)} tensors have shapes that do not fit this base "
+            f"model (got, expected): {first}"
+        )
+    return lora, weights_file
+
+
 def load_peft(base_model: Decoder, path: str | os.PathLike) -> Decoder:
     """Reads a PEFT LoRA folder onto a copy of `base_model`.
 
@@ -226,53 +333,19 @@ def load_peft(base_model: Decoder, path: str | os.PathLike) -> Decoder:
         A `Decoder` with the folder's adapters (``model.lora`` holds r, alpha, targets).
 
     Raises:
-        ValueError: before reading any tensor: no such files, not a LORA / CAUSAL_LM adapter,
-            settings we do not implement (DoRA, rank or alpha patterns, biases, ...), target
-            modules the decoder lacks, a local base model of another architecture or size,
-            missing or unexpected tensors, or shapes that do not fit the base model.
+        ValueError: before reading any tensor: everything `check_peft` refuses, or a base
+            model that already has adapters.
 
     Example:
         >>> model = load_peft(load_hf("base/"), "adapter/")  # doctest: +SKIP
     """
     path = os.fspath(path)
-    cfg_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(cfg_file):
-        raise ValueError(f"no {CONFIG_FILE} in {path}: not a PEFT adapter folder")
-    if not os.path.isfile(weights_file):
-        raise ValueError(f"no {WEIGHTS_FILE} in {path} (only safetensors adapters are read)")
     if getattr(base_model, "lora", None) is not None:
+        _read_config(path)  # a missing folder is named first
         raise ValueError("base_model already has LoRA adapters: pass the model without them")
-    with open(cfg_file) as f:
-        c = json.load(f)
     config: DecoderConfig = base_model.config
-    lora = _lora_config(c, cfg_file, config)
-    _check_base(c, cfg_file, config)
-    shapes = lora_shapes(lora, config)
-    expected = {}
-    for t, (shape_a, shape_b) in shapes.items():
-        for i in range(config.num_layers):
-            expected[peft_tensor_name(i, t, "A")] = (shape_a[2], shape_a[1])  # [r, d_in]
-            expected[peft_tensor_name(i, t, "B")] = (shape_b[2], shape_b[1])  # [d_out, r]
+    lora, weights_file = check_peft(path, config)
     with safe_open(weights_file, framework="numpy") as f:
-        present = set(f.keys())
-        missing, extra = sorted(set(expected) - present), sorted(present - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"{weights_file} does not match its config on this base model: missing tensors "
-                f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected tensors "
-                f"{extra[:8]}{' ...' if len(extra) > 8 else ''}"
-            )
-        wrong = {
-            n: (tuple(f.get_slice(n).get_shape()), want)
-            for n, want in expected.items()
-            if tuple(f.get_slice(n).get_shape()) != want
-        }
-        if wrong:
-            first = dict(list(wrong.items())[:4])
-            raise ValueError(
-                f"{weights_file}: {len(wrong)} tensors have shapes that do not fit this base "
-                f"model (got, expected): {first}"
-            )
         weights = {}
         for t in lora.targets:
             a = [f.get_tensor(peft_tensor_name(i, t, "A")).T for i in range(config.num_layers)]
@@ -286,7 +359,10 @@ __all__ = [
     "CONFIG_FILE",
     "PREFIX",
     "WEIGHTS_FILE",
+    "check_peft",
+    "is_peft_folder",
     "load_peft",
+    "peft_base_folder",
     "peft_module",
     "peft_tensor_name",
     "save_peft",

@@ -3,8 +3,11 @@
 Files: `schema` (the config dataclasses, `validate`), `presets`, `inputs` (everything read
 before the run folder is touched), `run_dir` (the run folder), `optimizer` (the public OGPSA
 alias built from a stage config), `step` (the pure train step), `losses`, `dpo_reference`,
-`refresh` (basis refreshes), `sharding`, `checkpoint`, `metrics`, `loop` (`train` and the
-stage loop), `hooks` (the loop's seams for `ogpsa_jax.testing`).
+`refresh` (basis refreshes), `lora` (LoRA runs: starting model, checks, export),
+`lora_refresh` (the matrix basis on adapters), `sharding`, `checkpoint`, `metrics`, `budget` (a
+stage's steps and an extension's schedule), `signals` (SIGTERM and Ctrl-C), `progress` (bar or
+log lines), `config_doc` (the generated config reference), `loop` (`train` and the stage loop),
+`hooks` (the loop's seams for `ogpsa_jax.testing`).
 
 Example:
     >>> from ogpsa_jax.train import apply_overrides, preset, train
@@ -13,20 +16,34 @@ Example:
 """
 
 from ogpsa_jax.overrides import apply_overrides
-from ogpsa_jax.train.loop import EXIT_PREEMPTED, NonFiniteError, TrainResult, train
+from ogpsa_jax.train.loop import NonFiniteError, TrainResult, train
 from ogpsa_jax.train.losses import dpo_loss, dpo_rewards, token_nll
 from ogpsa_jax.train.optimizer import Optimizer, make_optimizer
 from ogpsa_jax.train.presets import PRESETS, preset
-from ogpsa_jax.train.schema import ModelConfig, OGPSAConfig, StageConfig, TrainConfig, validate
+from ogpsa_jax.train.schema import (
+    DPOConfig,
+    LoRASettings,
+    ModelConfig,
+    OGPSAConfig,
+    SFTConfig,
+    StageConfig,
+    TrainConfig,
+    validate,
+)
+from ogpsa_jax.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from ogpsa_jax.train.step import make_train_step
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
+    "LoRASettings",
     "PRESETS",
+    "DPOConfig",
     "ModelConfig",
     "NonFiniteError",
     "OGPSAConfig",
     "Optimizer",
+    "SFTConfig",
     "StageConfig",
     "TrainConfig",
     "TrainResult",

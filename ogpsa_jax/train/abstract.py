@@ -29,7 +29,7 @@ from ogpsa_jax import models
 from ogpsa_jax.models.decoder import Decoder
 from ogpsa_jax.train.inputs import load_tokenizer
 from ogpsa_jax.train.optimizer import Optimizer, make_optimizer
-from ogpsa_jax.train.schema import TrainConfig
+from ogpsa_jax.train.schema import TrainConfig, lora_config
 from ogpsa_jax.train.sharding import opt_shardings
 from ogpsa_jax.train.stage import jit_step, make_micro_loss, model_logps, step_batch_shardings
 from ogpsa_jax.train.step import LogpsFn
@@ -78,11 +78,11 @@ def decoder_config(config: TrainConfig) -> models.DecoderConfig:
     config.json, the offline SmolLM2, or a paper preset's folder name).
 
     Raises:
-        PlanError: an ``init=hf`` path that is neither a folder nor a known name.
+        PlanError: a ``model.path`` that is neither a model folder nor a known name.
     """
     m = config.model
     arch = m.arch
-    if m.init == "hf":
+    if m.path:
         config_json = os.path.join(m.path, "config.json")
         if os.path.isfile(config_json):
             from transformers import AutoConfig  # function-local: transformers is heavy
@@ -94,8 +94,8 @@ def decoder_config(config: TrainConfig) -> models.DecoderConfig:
         if arch is None:
             raise PlanError(
                 f"model.path {m.path!r} is not a folder with a config.json nor a known model "
-                f"({', '.join(KNOWN_FOLDERS)}); plan with --set model.init=random --set "
-                "model.arch=ARCH instead"
+                f"({', '.join(KNOWN_FOLDERS)}); plan a random init of its architecture "
+                "instead: --set model.path= --set model.arch=ARCH"
             )
     if arch == "tiny":  # as the training loop: the vocabulary is the tokenizer's
         return models.tiny_config(vocab_size=len(load_tokenizer(config, None)))
@@ -155,8 +155,15 @@ def abstract_stage(
             loss_chunk=m.loss_chunk,
         )
 
-    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    lora = lora_config(m.lora)
+    if lora is not None:  # only the adapters train; the frozen base is an argument of each program
+        base = make
+        make = lambda: models.add_lora(base(), lora, seed=0)  # noqa: E731
+    trainable = models.LoRAParam if lora is not None else nnx.Param
+    graphdef, params, rest = nnx.split(nnx.eval_shape(make), trainable, ...)
     params = _sds(params, models.param_shardings(params, mesh))
+    if lora is not None:
+        rest = _sds(rest, models.param_shardings(rest, mesh))
     optimizer = make_optimizer(st, max(st.max_steps, 1))
     abstract_opt = jax.eval_shape(optimizer.init, params)
     opt_state = _sds(abstract_opt, opt_shardings(abstract_opt, params, mesh))
@@ -191,8 +198,16 @@ def step_arguments(kind: str, config: TrainConfig, a: AbstractStage, mesh: Any) 
         )
     param_sh = jax.tree.map(lambda x: x.sharding, a.params)
     opt_sh = jax.tree.map(lambda x: x.sharding, a.opt_state)
-    micro_loss = make_micro_loss(kind, st, a.logps_fn)
-    step = jit_step(micro_loss, a.optimizer, mesh, batch_sh, param_sh, opt_sh, with_ref)
+    step = jit_step(
+        lambda fn: make_micro_loss(kind, st, fn),
+        a.logps_fn,
+        a.optimizer,
+        mesh,
+        batch_sh,
+        param_sh,
+        opt_sh,
+        with_ref,
+    )
     return step, (a.params, a.opt_state, batch, a.params if with_ref else None)
 
 

@@ -34,6 +34,7 @@ from ogpsa_jax.projection import get_basis, resolve_dims, set_basis
 from ogpsa_jax.train.losses import token_nll
 from ogpsa_jax.train.optimizer import param_mask
 from ogpsa_jax.train.schema import OGPSAConfig
+from ogpsa_jax.train.sharding import BoundProgram
 
 
 def rows_per_batch(capture_rows: int, n_batches: int) -> int:
@@ -108,8 +109,14 @@ def inputs_like(params: Any, inputs: dict[str, Any], *, dims: Any = None, mask: 
 
 
 def make_capture_fn(
-    graphdef: Any, rest: Any, og: OGPSAConfig, rows: int, layout: dict[str, Any]
-) -> Callable:
+    graphdef: Any,
+    rest: Any,
+    og: OGPSAConfig,
+    rows: int,
+    layout: dict[str, Any],
+    *,
+    mask: Any = None,
+) -> BoundProgram:
     """The jitted capture of an activation refresh: ``(params, batch, key) -> (distinct inputs,
     nll sum, token count)``.
 
@@ -125,14 +132,16 @@ def make_capture_fn(
         og: the stage's OGPSA config (``mask``).
         rows: token rows captured per batch (`rows_per_batch`).
         layout: an empty dict, filled at the first trace.
+        mask: the leaves to capture inputs for (default: ``param_mask(og.mask)``).
 
     Returns:
-        The jitted function (memory planning compiles the same one: `ogpsa_jax.train.plan`).
+        The jitted function with ``rest`` bound as an argument (with LoRA the frozen base
+        weights: never constants of the program); memory planning compiles the same one
+        (`ogpsa_jax.train.plan`).
     """
-    mask = param_mask(og.mask)
+    mask = param_mask(og.mask) if mask is None else mask
 
-    @jax.jit
-    def capture_jit(params: Any, batch: dict, key: jax.Array) -> tuple[list, jax.Array, jax.Array]:
+    def capture(rest: Any, params: Any, batch: dict, key: jax.Array) -> tuple:
         model = nnx.merge(graphdef, params, rest)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         cap = capture_inputs(
@@ -162,7 +171,7 @@ def make_capture_fn(
         layout.update(index=index, treedef=treedef)
         return distinct, nll, count
 
-    return capture_jit
+    return BoundProgram(jax.jit(capture), rest)
 
 
 def make_activation_refresh(
@@ -173,6 +182,7 @@ def make_activation_refresh(
     *,
     place: Callable[[dict], dict] = lambda b: b,
     seed: int = 0,
+    mask: Any = None,
 ) -> Callable[[Any, Any], tuple[Any, dict]]:
     """``refresh(params, opt_state) -> (opt_state with a new activation basis, metrics)``.
 
@@ -184,6 +194,8 @@ def make_activation_refresh(
             ``attention_mask``, ``loss_mask``), all of one shape.
         place: puts a host batch on the devices (e.g. with the rows sharding).
         seed: seed of the row draw (fixed: the same token positions at every refresh).
+        mask: the leaves to estimate a basis for (default: ``param_mask(og.mask)``); the
+            transform's state must project exactly these.
 
     Returns:
         The refresh function. Its metrics: ``ref_loss`` (token-mean NLL of the reference
@@ -203,7 +215,7 @@ def make_activation_refresh(
     rows = rows_per_batch(og.capture_rows, len(batches))
     energy = og.energy or None
     layout: dict[str, Any] = {}
-    capture_jit = make_capture_fn(graphdef, rest, og, rows, layout)
+    capture_jit = make_capture_fn(graphdef, rest, og, rows, layout, mask=mask)
 
     base_key = jax.random.key(seed)
 

@@ -115,7 +115,7 @@ def save(
         force=True,
     )
     manager.wait_until_finished()
-    logger.info("checkpoint saved at step %d", step)
+    logger.debug("checkpoint saved at step %d", step)
 
 
 def restore(

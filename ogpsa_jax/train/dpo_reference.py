@@ -23,7 +23,7 @@ import numpy as np
 
 from ogpsa_jax.data import EncodedPair, pad_batch
 from ogpsa_jax.train.schema import StageConfig
-from ogpsa_jax.train.sharding import place, rows_sharding
+from ogpsa_jax.train.sharding import BoundProgram, jit_bound, place, rows_sharding
 from ogpsa_jax.train.step import LogpsFn, make_logps_fn
 
 logger = logging.getLogger(__name__)
@@ -37,21 +37,26 @@ def row_key(batch: dict[str, np.ndarray], r: int) -> bytes:
 
 def reference_logps_program(
     logps_fn: LogpsFn, stage: StageConfig, mesh: jax.sharding.Mesh, param_shardings: Any
-) -> Any:
+) -> BoundProgram:
     """The jitted reference pass: ``(params, batch of 2 * batch_size rows) -> log-probs [rows]``
     with the rows split over data x fsdp (memory planning compiles the same program).
 
     Args:
-        logps_fn: the model's `LogpsFn`.
+        logps_fn: the model's `LogpsFn` (a ``jax.tree_util.Partial`` binding the frozen
+            weights, or a plain function): passed as an argument (`jit_bound`), never a constant.
         stage: the DPO stage config (``batch_size``, ``loss_type``).
         mesh: the training mesh.
         param_shardings: the shardings of the reference weights.
 
     Returns:
-        The jitted function.
+        The jitted function (`BoundProgram`).
     """
     rows_sh = rows_sharding(mesh, 2 * stage.batch_size, 2, 0)
-    return jax.jit(make_logps_fn(logps_fn, stage), in_shardings=(param_shardings, rows_sh))
+    return jit_bound(
+        lambda f, p, b: make_logps_fn(f, stage)(p, b),
+        logps_fn,
+        in_shardings=(param_shardings, rows_sh),
+    )
 
 
 def reference_logps_table(

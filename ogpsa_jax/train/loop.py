@@ -9,7 +9,10 @@ small function below; what changes from step to step is one `Carry`, all of it c
 
 Layout: stages "sft" and "dpo" write ``DIR/{config.json, metrics.jsonl, tb/, checkpoints/,
 final/, done.json}``; "sft-dpo" writes the SFT stage under ``DIR/sft/`` and the DPO stage
-(started from, and referenced to, ``DIR/sft/final``) in ``DIR`` itself.
+(started from, and referenced to, ``DIR/sft/final``) in ``DIR`` itself. With LoRA adapters
+``final/`` is a PEFT adapter folder, ``final-merged/`` the full model, ``base/`` the base when it
+is not a folder already (`ogpsa_jax.train.lora`), and the DPO stage of "sft-dpo" trains new
+adapters on ``DIR/sft/final-merged``.
 
 Example:
     >>> from ogpsa_jax.train import preset
@@ -20,17 +23,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,29 +37,30 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
-from ogpsa_jax import models
+from ogpsa_jax import logs, models
 from ogpsa_jax.overrides import to_dict
 from ogpsa_jax.train import checkpoint as ckpt
+from ogpsa_jax.train.budget import StageBudget, schedule_change, stage_budget
 from ogpsa_jax.train.dpo_reference import attach_ref_logps
 from ogpsa_jax.train.inputs import Inputs, load_inputs
+from ogpsa_jax.train.lora import export_lora
 from ogpsa_jax.train.metrics import MetricsLog
+from ogpsa_jax.train.progress import Progress
 from ogpsa_jax.train.run_dir import (
-    check_checkpoints,
-    done_step,
+    check_output_dir,
+    done_record,
     mark_done,
     prepare_output_dir,
+    record_schedule_change,
     stage_dirs,
 )
-from ogpsa_jax.train.schema import TrainConfig, stages_of, validate
+from ogpsa_jax.train.schema import TrainConfig, lora_config, stages_of, validate
 from ogpsa_jax.train.sharding import place
+from ogpsa_jax.train.signals import StopRequest, catch_stop_signals
 from ogpsa_jax.train.stage import Carry, Stage, build_stage
 
 logger = logging.getLogger(__name__)
-
-# Exit status of a run that checkpointed after SIGTERM (EX_TEMPFAIL: "try again" -> resume).
-EXIT_PREEMPTED = 75
 
 
 class NonFiniteError(ValueError):
@@ -73,18 +73,23 @@ class TrainResult:
 
     output_dir: str  # the run folder
     step: int  # optimiser steps completed in the last stage that ran
-    preempted: bool  # True: stopped by SIGTERM after a checkpoint (rerun to resume)
-    final_dir: str | None  # the exported HF folder of the last stage (None if preempted)
+    preempted: bool  # True: stopped by SIGTERM or Ctrl-C after a checkpoint (rerun to resume)
+    final_dir: str | None  # the export of the last stage: an HF folder, with LoRA a PEFT adapter
+    # folder (None if preempted)
+    stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when preempted
+    model_dir: str | None = None  # the trained model as a full HF folder: final_dir, or with
+    # LoRA final-merged/ (None if preempted)
 
 
 # ----------------------------------------------------------------------------- one step
 
 
-def _restore(stage: Stage, carry: Carry, manager: Any) -> bool:
-    """Loads the latest complete checkpoint into ``carry`` and the data iterator, if any."""
+def _restore(stage: Stage, carry: Carry, manager: Any) -> dict | None:
+    """Loads the latest complete checkpoint into ``carry`` and the data iterator; returns its
+    meta (None: no checkpoint)."""
     latest = manager.latest_step()
     if latest is None:
-        return False
+        return None
     carry.params, carry.opt_state, meta = ckpt.restore(
         manager, latest, ckpt.abstract_like(carry.params), ckpt.abstract_like(carry.opt_state)
     )
@@ -93,7 +98,7 @@ def _restore(stage: Stage, carry: Carry, manager: Any) -> bool:
     carry.consecutive = meta["consecutive_skips"]
     carry.rng = np.asarray(meta["rng"], np.uint32)
     logger.info("%s: resumed from checkpoint step %d", stage.kind, carry.step)
-    return True
+    return meta
 
 
 def _refresh_basis(stage: Stage, carry: Carry) -> dict[str, Any]:
@@ -102,7 +107,7 @@ def _refresh_basis(stage: Stage, carry: Carry) -> dict[str, Any]:
         return {}
     step = carry.step + 1  # the step the new basis is for
     stage.hooks.fault("refresh", step)
-    carry.opt_state, metrics = stage.refresh(carry.params, carry.opt_state)
+    carry.params, carry.opt_state, metrics = stage.refresh(carry.params, carry.opt_state)
     record: dict[str, Any] = {}
     bad = metrics.pop("nonfinite_at")
     if not metrics.pop("basis_finite"):
@@ -170,100 +175,171 @@ def _save(stage: Stage, carry: Carry, manager: Any) -> None:
         "skips": carry.skips,
         "consecutive_skips": carry.consecutive,
         "config": to_dict(stage.config),
+        "total": stage.total,
     }
     stage.hooks.fault("save", carry.step)
     ckpt.save(manager, carry.step, carry.params, carry.opt_state, meta)
 
 
 def _export(stage: Stage, carry: Carry, tokenizer: Any, final_dir: str) -> None:
-    """Writes ``final/`` (save_hf + tokenizer files), then ``done.json``."""
-    params = carry.params
+    """Writes ``final/`` (save_hf + tokenizer files; with LoRA, `export_lora`), then
+    ``done.json``."""
+    params, rest = carry.params, stage.rest
     if jax.process_count() > 1:  # every process joins the gather; process 0 writes
         params = multihost_utils.process_allgather(params, tiled=True)
+        rest = multihost_utils.process_allgather(rest, tiled=True)
     if jax.process_index() == 0:
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        models.save_hf(nnx.merge(stage.graphdef, params, stage.rest), final_dir)
-        tokenizer.save_pretrained(final_dir)
-        mark_done(stage.stage_dir, carry.step, carry.skips)
+        model = nnx.merge(stage.graphdef, params, rest)
+        if stage.lora is not None:
+            export_lora(model, stage.stage_dir, tokenizer, stage.base_dir)
+        else:
+            if os.path.isdir(final_dir):
+                shutil.rmtree(final_dir)
+            models.save_hf(model, final_dir)
+            tokenizer.save_pretrained(final_dir)
+        mark_done(stage.stage_dir, carry.step, carry.skips, stage.total)
 
 
 # ----------------------------------------------------------------------------- one stage
 
 
-def _run_stage(
-    kind: str,
-    config: TrainConfig,
-    inputs: Inputs,
-    mesh: Any,
-    stage_dir: str,
-    init_path: str | None,
-    *,
-    stop_flag: list[bool],
-    step_callback: Callable[[int, dict], None] | None,
-) -> TrainResult:
-    final_dir = os.path.join(stage_dir, "final")
-    done = done_step(stage_dir)
-    if done is not None:
-        logger.info("%s stage already complete in %s (step %d)", kind, stage_dir, done)
-        return TrainResult(output_dir=stage_dir, step=done, preempted=False, final_dir=final_dir)
-    stage, carry = build_stage(kind, config, inputs, mesh, stage_dir, init_path)
-    manager = ckpt.open_manager(
-        os.path.join(stage_dir, "checkpoints"), max_to_keep=config.max_to_keep
-    )
-    resumed = _restore(stage, carry, manager)
-    log = MetricsLog(stage_dir, resume_step=carry.step, enabled=jax.process_index() == 0)
-    bar = tqdm(total=stage.total, initial=carry.step, desc=kind, disable=not sys.stderr.isatty())
-    last_saved = carry.step if resumed else -1
-    every = config.checkpoint_every  # 0: no checkpoints but the SIGTERM one
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """What every stage of one `train` call shares."""
+
+    config: TrainConfig
+    inputs: Inputs
+    mesh: Any
+    output_dir: str
+    stop: StopRequest
+    log_every: int | None
+    step_callback: Callable[[int, dict], None] | None
+
+
+def _note_budget_change(stage: Stage, carry: Carry, found: dict | None, run: _Run) -> None:
+    """Logs and records (config.json) a changed step budget of a continued stage."""
+    old_total = (found or {}).get("total")
+    if old_total is None or old_total == stage.total:
+        return
+    change = schedule_change(stage.st, old_total, stage.total, carry.step - carry.skips)
+    logger.info("%s: %s", stage.kind, change["schedule"])
+    record_schedule_change(run.output_dir, stage.kind, change)
+
+
+def _all_skipped(kind: str, carry: Carry) -> None:
+    """A stage whose every step was skipped changed nothing: never a success."""
+    if carry.step and carry.skips >= carry.step:
+        raise NonFiniteError(
+            f"{kind}: every one of the {carry.step} steps was skipped as non-finite, so the "
+            "model is unchanged and nothing was exported (a tokenizer that does not match the "
+            "model, or a far too high learning rate, are the usual causes)"
+        )
+
+
+def _steps(stage: Stage, carry: Carry, manager: Any, run: _Run, resumed: bool) -> bool:
+    """Steps until the budget is done (True) or a stop is requested (False, checkpointed)."""
+    log = MetricsLog(stage.stage_dir, resume_step=carry.step, enabled=jax.process_index() == 0)
+    progress = Progress(stage.kind, total=stage.total, initial=carry.step, every=run.log_every)
+    last_saved = carry.step if resumed else 0
+    every = stage.config.checkpoint_every  # 0: no checkpoints but the stop one
+    first, refreshed = carry.step + 1, False
+    run.stop.unsaved = False
     try:
         while carry.step < stage.total:
-            record = _refresh_basis(stage, carry)
-            record.update(_train_step(stage, carry))
+            if run.stop.requested():
+                if carry.step != last_saved:
+                    _save(stage, carry, manager)
+                    logger.warning("%s: checkpoint saved at step %d", stage.kind, carry.step)
+                return False
+            record: dict[str, Any] = {}
+            if stage.refresh is not None and carry.step % stage.st.ogpsa.refresh_every == 0:
+                what = f"basis refresh before step {carry.step + 1}"
+                with progress.phase(what, slow=None if refreshed else True):
+                    record = _refresh_basis(stage, carry)
+                refreshed = True
+            if carry.step + 1 == first:
+                with progress.phase(f"step {first} (compiles the train step)", slow=True):
+                    record.update(_train_step(stage, carry))
+            else:
+                record.update(_train_step(stage, carry))
+            run.stop.unsaved = True
             log.write(carry.step, record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step_callback is not None:
-                step_callback(carry.step, record)
-            if stop_flag[0] or (every and (carry.step % every == 0 or carry.step == stage.total)):
+            progress.step(carry.step, record)
+            if run.step_callback is not None:
+                run.step_callback(carry.step, record)
+            if every and (carry.step % every == 0 or carry.step == stage.total):
                 _save(stage, carry, manager)
-                last_saved = carry.step
-            if stop_flag[0]:
-                logger.warning("%s: preempted at step %d (checkpoint saved)", kind, carry.step)
-                return TrainResult(
-                    output_dir=stage_dir, step=carry.step, preempted=True, final_dir=None
-                )
+                last_saved, run.stop.unsaved = carry.step, False
         if every and last_saved != carry.step:
             _save(stage, carry, manager)
+        run.stop.unsaved = False
     finally:
-        bar.close()
+        progress.close()
         log.close()
+    return True
+
+
+def _run_stage(
+    kind: str, stage_dir: str, init_path: str | None, budget: StageBudget, run: _Run
+) -> TrainResult:
+    final_dir = os.path.join(stage_dir, "final")
+    lora = lora_config(run.config.model.lora) is not None
+    model_dir = os.path.join(stage_dir, "final-merged") if lora else final_dir
+    done = done_record(stage_dir)
+    if done is not None and done["step"] >= budget.total:
+        logger.info("%s: already complete in %s (step %d)", kind, stage_dir, done["step"])
+        return TrainResult(
+            output_dir=stage_dir,
+            step=done["step"],
+            preempted=False,
+            final_dir=final_dir,
+            model_dir=model_dir,
+        )
+    preempted = TrainResult(
+        output_dir=stage_dir, step=0, preempted=True, final_dir=None, stopped_by=run.stop.signal
+    )
+    if run.stop.requested():  # asked before this stage began: nothing of it to save
+        return preempted
+    logger.info("%s: %d steps: %s", kind, budget.total, budget.reason)
+    stage, carry = build_stage(kind, run.config, run.inputs, run.mesh, stage_dir, init_path)
+    manager = ckpt.open_manager(
+        os.path.join(stage_dir, "checkpoints"), max_to_keep=run.config.max_to_keep
+    )
+    try:
+        meta = _restore(stage, carry, manager)
+        if done is not None and (meta is None or meta["step"] < done["step"]):
+            logger.warning(
+                "%s: no checkpoint of the finished step %d to continue from (checkpoint_every=0 "
+                "or removed); continuing from step %d",
+                kind,
+                done["step"],
+                carry.step,
+            )
+        _note_budget_change(stage, carry, meta if meta and "total" in meta else done, run)
+        finished = _steps(stage, carry, manager, run, resumed=meta is not None)
+    finally:
         manager.close()
-    _export(stage, carry, inputs.tokenizer, final_dir)
-    logger.info("%s: done after %d steps; model exported to %s", kind, carry.step, final_dir)
-    return TrainResult(output_dir=stage_dir, step=carry.step, preempted=False, final_dir=final_dir)
+    if not finished:
+        return dataclasses.replace(preempted, step=carry.step, stopped_by=run.stop.signal)
+    _all_skipped(kind, carry)
+    _export(stage, carry, run.inputs.tokenizer, final_dir)
+    logger.info(
+        "%s: done after %d steps (%s); model exported to %s",
+        kind,
+        carry.step,
+        budget.reason,
+        final_dir,
+    )
+    return TrainResult(
+        output_dir=stage_dir,
+        step=carry.step,
+        preempted=False,
+        final_dir=final_dir,
+        model_dir=model_dir,
+    )
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[list[bool]]:
-    """A flag set by SIGTERM inside the block (the old handler comes back after it)."""
-    flag = [False]
-    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        logger.warning("SIGTERM: checkpointing at the next step boundary, then exiting")
-        flag[0] = True
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def train(
@@ -273,23 +349,29 @@ def train(
     *,
     overwrite: bool = False,
     step_callback: Callable[[int, dict], None] | None = None,
+    log_every: int | None = None,
 ) -> TrainResult:
-    """Runs (or resumes) ``sft``, ``dpo`` or ``sft-dpo`` training into ``output_dir``.
+    """Runs (or resumes, or extends) ``sft``, ``dpo`` or ``sft-dpo`` training into ``output_dir``.
 
     Args:
         command: "sft", "dpo" or "sft-dpo".
         config: the run config (validated here before anything is loaded or written).
-        output_dir: run folder; an existing run with the same config is resumed, one with a
-            different config is an error unless ``overwrite``.
+        output_dir: run folder; an existing run with the same config is resumed, one that
+            differs only by a larger step or epoch budget is continued (extended), one with
+            another config is an error unless ``overwrite``.
         overwrite: replace an existing run with a different config.
         step_callback: called on the host after every step with ``(step, metrics)``.
+        log_every: without a terminal, a progress line every this many steps (None: about 20
+            per stage).
 
     Returns:
-        A `TrainResult`; ``preempted=True`` after SIGTERM (checkpoint saved; rerun resumes).
+        A `TrainResult`; ``preempted=True`` after SIGTERM or Ctrl-C (checkpoint saved; rerun
+        resumes), ``stopped_by`` naming the signal.
 
     Raises:
         ValueError: bad config, data, model folder or output folder (before any compute);
-            `NonFiniteError` when non-finite values stop the run.
+            `NonFiniteError` when non-finite values stop the run or every step was skipped;
+            KeyboardInterrupt on a second Ctrl-C (or a first one with nothing unsaved).
 
     Example:
         >>> from ogpsa_jax.train import preset
@@ -298,32 +380,38 @@ def train(
     """
     output_dir = os.fspath(output_dir)
     shape = validate(config, command, jax.device_count())
-    inputs = load_inputs(command, config)
     record = {"command": command, "config": to_dict(config)}
-    prepare_output_dir(output_dir, record, overwrite)
-    check_checkpoints(output_dir, command, record["config"])
-    devices = jax.devices()[: math.prod(shape)]
-    mesh = models.make_mesh(shape, axis_type=config.mesh_axis_type, devices=devices)
+    plan = check_output_dir(output_dir, record, overwrite)  # read only: before any loading
     stages = stages_of(command)
-    result = None
-    init_path = inputs.model_path
-    with _sigterm_flag() as stop_flag:
+    with catch_stop_signals() as stop:
+        inputs = load_inputs(command, config)
+        budgets = {k: stage_budget(k, getattr(config, k), len(inputs.encoded[k])) for k in stages}
+        prepare_output_dir(output_dir, record, overwrite, plan)
+        devices = jax.devices()[: math.prod(shape)]
+        mesh = models.make_mesh(shape, axis_type=config.mesh_axis_type, devices=devices)
+        run = _Run(
+            config=config,
+            inputs=inputs,
+            mesh=mesh,
+            output_dir=output_dir,
+            stop=stop,
+            log_every=log_every,
+            step_callback=step_callback,
+        )
+        result, init_path = None, inputs.model_path
         for kind, stage_dir in zip(stages, stage_dirs(output_dir, command), strict=True):
             os.makedirs(stage_dir, exist_ok=True)
-            with jax.set_mesh(mesh):
-                result = _run_stage(
-                    kind,
-                    config,
-                    inputs,
-                    mesh,
-                    stage_dir,
-                    init_path,
-                    stop_flag=stop_flag,
-                    step_callback=step_callback,
+            with logs.stage(kind), jax.set_mesh(mesh):
+                result = _run_stage(kind, stage_dir, init_path, budgets[kind], run)
+            if result.preempted or (stop.requested() and kind != stages[-1]):
+                # a stop during a stage's export: stop before the next stage starts
+                return dataclasses.replace(
+                    result,
+                    preempted=True,
+                    output_dir=output_dir,
+                    final_dir=None,
+                    stopped_by=stop.signal,
                 )
-            if result.preempted or (stop_flag[0] and kind != stages[-1]):
-                # SIGTERM during a stage's export: stop before the next stage starts.
-                return dataclasses.replace(result, preempted=True, output_dir=output_dir)
-            init_path = result.final_dir
+            init_path = result.model_dir  # with LoRA: new adapters on the merged model
     assert result is not None
     return dataclasses.replace(result, output_dir=output_dir)

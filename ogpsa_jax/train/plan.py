@@ -53,7 +53,13 @@ from ogpsa_jax.train.abstract import (
 from ogpsa_jax.train.activation_refresh import make_capture_fn, rows_per_batch
 from ogpsa_jax.train.dpo_reference import reference_logps_program
 from ogpsa_jax.train.refresh import gradient_programs
-from ogpsa_jax.train.schema import TrainConfig, resolve_mesh_shape, stages_of, validate
+from ogpsa_jax.train.schema import (
+    MATRIX_METHODS,
+    TrainConfig,
+    resolve_mesh_shape,
+    stages_of,
+    validate,
+)
 from ogpsa_jax.train.sharding import rows_sharding
 
 # Device memory (decimal bytes, as sold) of the kinds a plan is checked against.
@@ -99,7 +105,7 @@ class StagePlan:
     stage: str
     devices: int
     mesh: tuple[int, int, int]
-    params: int
+    params: int  # the trainable weights (with LoRA: the adapters)
     opt_state: int  # without the basis
     basis: int
     batch: int  # the step's batch (and ref log-probs)
@@ -107,6 +113,7 @@ class StagePlan:
     step_peak: int
     other_peaks: dict[str, int] = field(default_factory=dict)  # refresh, reference
     programs: dict[str, ProgramMemory] = field(default_factory=dict)
+    frozen: int = 0  # with LoRA: the frozen base weights (an argument of every program)
 
     @property
     def peak(self) -> int:
@@ -129,10 +136,15 @@ def _refresh_peaks(kind: str, config: TrainConfig, a: AbstractStage, mesh: Any) 
     if not og.enabled:
         return {}, 0
     rows = og.reference_batch_size
-    live = tree_bytes(a.params) + tree_bytes(a.opt_state)
+    live = tree_bytes(a.params) + tree_bytes(a.opt_state) + tree_bytes(a.rest)
     per_set = -(-og.reference_rows * (2 if kind == "dpo" else 1) // rows)
     n_batches = per_set * len(og.reference)
     batch = tokens((rows, st.max_length), rows_sharding(mesh, rows, 2, 0))
+    if og.method in MATRIX_METHODS and config.model.lora.rank:
+        raise PlanError(
+            f"{kind}: planning the matrix refresh of LoRA adapters (ogpsa.method={og.method}) is "
+            "not supported; plan the step alone (programs=('step',)) or a flat method"
+        )
     if og.method == "activation":
         capture = make_capture_fn(
             a.graphdef, a.rest, og, rows_per_batch(og.capture_rows, n_batches), {}
@@ -193,7 +205,7 @@ def plan_stage(
             ref = reference_logps_program(a.logps_fn, st, mesh, param_sh)
             mem = ProgramMemory.of(ref.lower(a.params, batch).compile())
             compiled["reference"] = mem
-            live = tree_bytes(a.params) + tree_bytes(a.opt_state)
+            live = tree_bytes(a.params) + tree_bytes(a.opt_state) + tree_bytes(a.rest)
             others["reference"] = live + tree_bytes(batch) + mem.new_outputs + mem.temporaries
     state = find_state(a.opt_state)
     basis = tree_bytes(state.basis) if state is not None else 0
@@ -212,6 +224,7 @@ def plan_stage(
         else step_mem.arguments + step_mem.new_outputs + step_mem.temporaries,
         other_peaks=others,
         programs=compiled,
+        frozen=tree_bytes(a.rest),
     )
 
 
@@ -256,6 +269,8 @@ def format_plans(plans: list[StagePlan], costs: list[dict] | None = None) -> str
     lines = []
     for i, p in enumerate(plans):
         parts = dict(params=p.params, opt_state=p.opt_state, basis=p.basis, batch=p.batch)
+        if p.frozen:
+            parts = {"frozen_base": p.frozen, "adapters": parts.pop("params"), **parts}
         if p.step is not None:
             parts.update(temporaries=p.step.temporaries, step_peak=p.step_peak)
         parts.update({f"{k}_peak": v for k, v in p.other_peaks.items()}, peak=p.peak)

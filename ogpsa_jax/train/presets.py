@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 
-from ogpsa_jax.train.schema import ModelConfig, OGPSAConfig, StageConfig, TrainConfig
+from ogpsa_jax.train.schema import DPOConfig, ModelConfig, OGPSAConfig, SFTConfig, TrainConfig
 
 
 def tiny() -> TrainConfig:
@@ -31,8 +31,8 @@ def tiny() -> TrainConfig:
     return TrainConfig(
         seed=0,
         mesh=(1, -1, 1),
-        model=ModelConfig(init="random", arch="tiny", tokenizer="tiny", scan_unroll=0),
-        sft=StageConfig(
+        model=ModelConfig(arch="tiny", scan_unroll=0),
+        sft=SFTConfig(
             data="assets:safety_sft.jsonl",
             batch_size=8,
             accum_steps=2,
@@ -40,7 +40,7 @@ def tiny() -> TrainConfig:
             ogpsa=og_sft,
             **common,
         ),
-        dpo=StageConfig(
+        dpo=DPOConfig(
             data="assets:safety_prefs.jsonl",
             batch_size=8,
             accum_steps=2,
@@ -59,16 +59,14 @@ def smollm2() -> TrainConfig:
     common = dict(max_length=128, batch_size=4, accum_steps=1, max_steps=20)
     return TrainConfig(
         mesh=(1, -1, 1),
-        model=ModelConfig(
-            init="hf", path="smollm2", tokenizer="", dtype="bfloat16", frozen_layers=20
-        ),
-        sft=StageConfig(
+        model=ModelConfig(path="smollm2", dtype="bfloat16", frozen_layers=20),
+        sft=SFTConfig(
             data="assets:safety_sft.jsonl",
             learning_rate=1e-5,
             ogpsa=dataclasses.replace(og, refresh_every=10),
             **common,
         ),
-        dpo=StageConfig(
+        dpo=DPOConfig(
             data="assets:safety_prefs.jsonl",
             learning_rate=5e-6,
             ogpsa=dataclasses.replace(og, k=1, refresh_every=5),
@@ -94,15 +92,9 @@ def _paper(path: str) -> TrainConfig:
         num_devices=8,
         mesh=(1, 8, 1),
         model=ModelConfig(
-            init="hf",
-            path=path,
-            tokenizer="",
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat="block",
-            loss_chunk=512,
+            path=path, dtype="bfloat16", param_dtype="float32", remat="block", loss_chunk=512
         ),
-        sft=StageConfig(
+        sft=SFTConfig(
             data="PKU-Alignment/PKU-SafeRLHF",
             limit=10_000,
             epochs=3,
@@ -112,7 +104,7 @@ def _paper(path: str) -> TrainConfig:
             learning_rate=1e-6,
             ogpsa=OGPSAConfig(k=2, reference=sft_ref, refresh_every=30, reference_batch_size=40),
         ),
-        dpo=StageConfig(
+        dpo=DPOConfig(
             data="PKU-Alignment/PKU-SafeRLHF",
             limit=10_000,
             epochs=1,

@@ -43,19 +43,19 @@ from ogpsa_jax.train.activation_refresh import (
 )
 from ogpsa_jax.train.optimizer import param_mask
 from ogpsa_jax.train.schema import FLAT_METHODS, OGPSAConfig
+from ogpsa_jax.train.sharding import BoundProgram, jit_bound, rows_sharding
 from ogpsa_jax.train.sharding import place as place_batch
-from ogpsa_jax.train.sharding import rows_sharding
 from ogpsa_jax.train.step import LogpsFn, make_ref_grad_fn
 
 # refresh(params, opt_state) -> (opt_state with the new basis, metrics)
 Refresh = Callable[[Any, Any], tuple[Any, dict]]
 
 
-def _finite_basis(og: OGPSAConfig, grads: list) -> tuple[Any, jax.Array, jax.Array]:
+def _finite_basis(og: OGPSAConfig, mask: Any, grads: list) -> tuple[Any, jax.Array, jax.Array]:
     """(basis, all finite, per-leaf finiteness of the reference gradients)."""
     energy = og.energy or None
     if og.method == "gradient":
-        basis = matrix_basis_from_gradients(grads, k=og.k, energy=energy, mask=param_mask(og.mask))
+        basis = matrix_basis_from_gradients(grads, k=og.k, energy=energy, mask=mask)
     else:
         basis = capability_basis(grads, k=og.k, method=og.method, energy=energy)
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(basis)]))
@@ -72,34 +72,44 @@ def _finite_basis(og: OGPSAConfig, grads: list) -> tuple[Any, jax.Array, jax.Arr
 class GradientPrograms(NamedTuple):
     """The jitted programs of a gradient refresh."""
 
-    grad: Callable  # (params, batch) -> (float32 reference gradient, nll sum, token count)
+    grad: BoundProgram  # (params, batch) -> (float32 reference gradient, nll sum, token count)
     basis: Callable  # (list of gradient trees) -> (basis, all finite, per-leaf finiteness)
     rows_sharding: NamedSharding  # the reference batches' placement (rows over data x fsdp)
 
 
 def gradient_programs(
-    logps_fn: LogpsFn, og: OGPSAConfig, rows: int, param_shardings: Any, mesh: jax.sharding.Mesh
+    logps_fn: LogpsFn,
+    og: OGPSAConfig,
+    rows: int,
+    param_shardings: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    mask: Any = None,
 ) -> GradientPrograms:
     """The reference-gradient and basis programs of a gradient refresh, jitted with shardings.
 
     Args:
-        logps_fn: the model's `LogpsFn` (`ogpsa_jax.train.step`).
+        logps_fn: the model's `LogpsFn` (`ogpsa_jax.train.step`); passed to the gradient
+            program as an argument (`jit_bound`): a Partial's bound arrays stay inputs.
         og: the stage's OGPSA config (``method``, ``k``, ``energy``, ``mask``).
         rows: rows per reference batch.
         param_shardings: the parameters' shardings.
         mesh: the training mesh.
+        mask: ``gradient``: the leaves with a basis (default ``param_mask(og.mask)``).
 
     Returns:
         The `GradientPrograms`.
     """
     replicated = NamedSharding(mesh, P())
     rows_sh = rows_sharding(mesh, rows, 2, 0)
-    grad_jit = jax.jit(
-        make_ref_grad_fn(logps_fn),
+    grad_jit = jit_bound(
+        lambda f, p, b: make_ref_grad_fn(f)(p, b),
+        logps_fn,
         in_shardings=(param_shardings, rows_sh),
         out_shardings=(param_shardings, replicated, replicated),
     )
-    basis_jit = jax.jit(partial(_finite_basis, og), out_shardings=None)
+    mask = param_mask(og.mask) if mask is None else mask
+    basis_jit = jax.jit(partial(_finite_basis, og, mask), out_shardings=None)
     return GradientPrograms(grad=grad_jit, basis=basis_jit, rows_sharding=rows_sh)
 
 
@@ -109,6 +119,8 @@ def make_gradient_refresh(
     groups: Sequence[Sequence[dict]],
     param_shardings: Any,
     mesh: jax.sharding.Mesh,
+    *,
+    mask: Any = None,
 ) -> Refresh:
     """The refresh of a basis estimated from reference gradients (flat methods, ``gradient``).
 
@@ -118,6 +130,7 @@ def make_gradient_refresh(
         groups: reference sets, each a list of host batches, all of one shape.
         param_shardings: the parameters' shardings.
         mesh: the training mesh.
+        mask: ``gradient``: the leaves with a basis (default ``param_mask(og.mask)``).
 
     Returns:
         The refresh function. Its metrics: ``ref_loss`` (token-mean NLL of the reference set),
@@ -133,7 +146,7 @@ def make_gradient_refresh(
             f"the model's layer inputs: make_activation_refresh); use gram_schmidt, svd or gradient"
         )
     programs = gradient_programs(
-        logps_fn, og, groups[0][0]["input_ids"].shape[0], param_shardings, mesh
+        logps_fn, og, groups[0][0]["input_ids"].shape[0], param_shardings, mesh, mask=mask
     )
     grad_jit, basis_jit = programs.grad, programs.basis
     groups = [[place_batch(b, programs.rows_sharding) for b in group] for group in groups]
@@ -188,6 +201,7 @@ def make_refresh(
     param_shardings: Any,
     mesh: jax.sharding.Mesh,
     seed: int,
+    mask: Any = None,
 ) -> Refresh | None:
     """The stage's refresh for its OGPSA method; None with OGPSA off.
 
@@ -200,6 +214,7 @@ def make_refresh(
         param_shardings: the parameters' shardings.
         mesh: the training mesh.
         seed: the run's seed (the activation method's row draw).
+        mask: matrix methods: the leaves with a basis (default ``param_mask(og.mask)``).
 
     Returns:
         `make_activation_refresh` or `make_gradient_refresh` for ``og.method``, or None.
@@ -208,10 +223,11 @@ def make_refresh(
         return None
     if og.method == "activation":  # GPM: the layers' inputs, not gradients
         rows_sh = rows_sharding(mesh, groups[0][0]["input_ids"].shape[0], 2, 0)
+        place = lambda b: place_batch(b, rows_sh)  # noqa: E731
         return make_activation_refresh(
-            graphdef, rest, og, groups, place=lambda b: place_batch(b, rows_sh), seed=seed
+            graphdef, rest, og, groups, place=place, seed=seed, mask=mask
         )
-    return make_gradient_refresh(logps_fn, og, groups, param_shardings, mesh)
+    return make_gradient_refresh(logps_fn, og, groups, param_shardings, mesh, mask=mask)
 
 
 __all__ = [

@@ -1,13 +1,17 @@
 """The training configuration: frozen kw-only dataclasses with a comment per field, and `validate`.
 
-`TrainConfig` holds a run (one or two stages); `StageConfig` one stage (SFT or DPO) with its
-`OGPSAConfig`; `ModelConfig` the model. Presets are functions returning a `TrainConfig`
-(`ogpsa_jax.train.presets`); `dataclasses.replace`, or `ogpsa_jax.overrides.apply_overrides`
-with dotted ``field=value`` strings, derives variants. `validate` checks types, ranges, choices
+`TrainConfig` holds a run (one or two stages); `SFTConfig` and `DPOConfig` one stage each (the
+fields both have are `StageConfig`'s), with its `OGPSAConfig`; `ModelConfig` the model, with its
+`LoRASettings` (``model.lora``: rank 0 trains every weight, rank >= 1 only low-rank adapters).
+Presets are functions returning a `TrainConfig` (`ogpsa_jax.train.presets`);
+`dataclasses.replace`, or `ogpsa_jax.overrides.apply_overrides` with dotted ``field=value``
+strings, derives variants. Every field is listed with its type, default and comment in
+docs/config.md, generated from this file by `ogpsa_jax.train.config_doc`. `validate` checks
+types, ranges, choices
 and the mesh before any compute, so a bad value never touches the output folder.
 
 Example:
-    >>> validate(TrainConfig(sft=StageConfig(learning_rate=3e-3)), "sft", device_count=8)
+    >>> validate(TrainConfig(sft=SFTConfig(learning_rate=3e-3)), "sft", device_count=8)
     (1, 8, 1)
     >>> validate(TrainConfig(seed=1.5), "sft", device_count=8)
     Traceback (most recent call last):
@@ -23,25 +27,44 @@ from dataclasses import dataclass, field
 
 from ogpsa_jax import overrides
 from ogpsa_jax.models.layers import REMAT_CHOICES
+from ogpsa_jax.models.lora import TARGETS, LoRAConfig
 from ogpsa_jax.projection import ogpsa_matrix
 
 METHODS = ("gram_schmidt", "svd", "gradient", "activation")
 FLAT_METHODS = ("gram_schmidt", "svd")
 MATRIX_METHODS = ("gradient", "activation")
+ARCHS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_1_8b")  # random-init architectures
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRASettings:
+    """LoRA adapters (fields ``model.lora.*``): with rank >= 1 only the adapters train."""
+
+    # Adapter rank r: 0 = no adapters (every weight trains), >= 1 = train only the adapters
+    # (the base weights are frozen: no gradients, no optimizer state).
+    rank: int = 0
+    # Scaling numerator: the update is (alpha / rank) * (x @ A) @ B (alpha / sqrt(rank) with
+    # use_rslora).
+    alpha: float = 16.0
+    # Adapted projections, of q, k, v, o, gate, up, down (e.g. "q,v").
+    targets: tuple[str, ...] = tuple(TARGETS)
+    # Rank-stabilised scaling alpha / sqrt(rank).
+    use_rslora: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which model to train and how it computes."""
 
-    # "random": fresh weights of `arch`; "hf": load_hf(path) (a local Hugging Face folder).
-    init: str = "random"
-    # Architecture for init="random": tiny | smollm2_135m | qwen2_5_7b | llama3_1_8b.
-    arch: str = "tiny"
-    # HF folder for init="hf"; the special value "smollm2" is the offline SmolLM2-135M-Instruct.
+    # Hugging Face folder to start from ("" = fresh random weights of `arch`); the special value
+    # "smollm2" is the offline SmolLM2-135M-Instruct (converted once into $OGPSA_CACHE).
     path: str = ""
-    # Tokenizer folder; "" = the model path; "tiny" = the shipped tiny ChatML tokenizer.
-    tokenizer: str = "tiny"
+    # Architecture of a random init, used only when `path` is "": tiny | smollm2_135m |
+    # qwen2_5_7b | llama3_1_8b.
+    arch: str = "tiny"
+    # Tokenizer folder; "" = the model folder's own (the shipped tiny ChatML tokenizer for a
+    # random init); "tiny" = the shipped tiny tokenizer.
+    tokenizer: str = ""
     # Activation / matmul dtype (float32 | bfloat16).
     dtype: str = "float32"
     # Parameter (master weight) dtype (float32 | bfloat16).
@@ -63,6 +86,8 @@ class ModelConfig:
     loss_chunk: int = 0
     # Optional system prompt put in every rendered conversation ("" = the template's default).
     system_prompt: str = ""
+    # LoRA adapters (rank 0 = none: full fine-tuning).
+    lora: LoRASettings = field(default_factory=LoRASettings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,20 +126,23 @@ class OGPSAConfig:
     # activation only: keep the previous basis and add the new input directions to it (GPM's
     # accumulation) instead of replacing it; needs energy > 0 to leave room for new directions.
     union: bool = False
+    # LoRA with a matrix method: B is kept off the directions x @ A of protected inputs x larger
+    # than lora_tol * ||A||_2 (0 = all above float32 round-off: exact; B may stop moving after
+    # a refresh that rotates the basis), in [0, 1).
+    lora_tol: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class StageConfig:
-    """One training stage (SFT or DPO): data, optimiser and OGPSA settings."""
+    """The fields both training stages have: data, budget, optimiser and OGPSA settings."""
 
-    # Training data: HF id, local .json/.jsonl/.parquet file, or "assets:NAME".
+    # Training data: a local file (any extension), a Hugging Face data set id ("org/name"), or
+    # "assets:NAME" (a file shipped in ogpsa_jax/assets/data); formats in docs/data.md.
     data: str = "assets:safety_sft.jsonl"
-    # Split for HF ids.
+    # Split, for hub ids.
     split: str = "train"
     # Use at most this many rows (0 = all).
     limit: int = 0
-    # PKU-SafeRLHF preferences: keep only pairs with exactly one safe response.
-    safe_pairs_only: bool = False
     # Passes over the data.
     epochs: int = 1
     # Stop after this many optimiser steps (0 = the epochs decide).
@@ -145,16 +173,42 @@ class StageConfig:
     weight_decay: float = 0.0
     # Global-norm clip after projection (0 = no clipping).
     max_grad_norm: float = 1.0
-    # DPO: inverse temperature.
-    beta: float = 0.2
-    # DPO: label smoothing (sigmoid loss only).
-    label_smoothing: float = 0.0
-    # DPO: "sigmoid" or "ipo".
-    loss_type: str = "sigmoid"
-    # DPO reference log-probs: "precompute" (one pass before training) or "model" (kept frozen).
-    dpo_reference: str = "precompute"
     # The capability subspace.
     ogpsa: OGPSAConfig = field(default_factory=OGPSAConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(StageConfig):
+    """The SFT stage: the fields of `StageConfig` and the SFT-only ones."""
+
+    # Rows with several assistant turns (a messages list, or a history before the prompt): "all"
+    # trains every assistant turn, "last" only the final reply.
+    train_turns: str = "all"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig(StageConfig):
+    """The DPO stage: the fields of `StageConfig` (with DPO defaults) and the DPO-only ones."""
+
+    # Preference data: a local file (any extension), a Hugging Face data set id ("org/name"),
+    # or "assets:NAME"; formats in docs/data.md.
+    data: str = "assets:safety_prefs.jsonl"
+    # Global pairs per micro-batch; divisible by mesh data*fsdp.
+    batch_size: int = 2
+    # Micro-batches accumulated per optimiser step.
+    accum_steps: int = 16
+    # The capability subspace (the reference code: one direction, refreshed every 5 steps).
+    ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(k=1, refresh_every=5))
+    # Inverse temperature of the DPO loss.
+    beta: float = 0.2
+    # Label smoothing, in [0, 0.5) (sigmoid loss only).
+    label_smoothing: float = 0.0
+    # "sigmoid" or "ipo".
+    loss_type: str = "sigmoid"
+    # Reference log-probs: "precompute" (one pass before training) or "model" (kept frozen).
+    dpo_reference: str = "precompute"
+    # PKU-SafeRLHF preferences: keep only pairs with exactly one safe response.
+    safe_pairs_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,19 +225,13 @@ class TrainConfig:
     mesh_axis_type: str = "auto"
     # The model.
     model: ModelConfig = field(default_factory=ModelConfig)
-    # SFT stage settings (stages "sft" and "sft-dpo").
-    sft: StageConfig = field(default_factory=StageConfig)
-    # DPO stage settings (stages "dpo" and "sft-dpo").
-    dpo: StageConfig = field(
-        default_factory=lambda: StageConfig(
-            data="assets:safety_prefs.jsonl",
-            batch_size=2,
-            accum_steps=16,
-            ogpsa=OGPSAConfig(k=1, refresh_every=5),
-        )
-    )
+    # SFT stage settings (commands "sft" and "sft-dpo").
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    # DPO stage settings (commands "dpo" and "sft-dpo").
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     # Save a checkpoint every this many steps (and always at the end); 0 = none (only the final
-    # HF export and a SIGTERM checkpoint; a killed stage restarts from its beginning).
+    # HF export and the checkpoint of a stop by SIGTERM or Ctrl-C; a killed stage restarts from
+    # its beginning, and a finished one cannot be extended).
     checkpoint_every: int = 100
     # Checkpoints kept on disk.
     max_to_keep: int = 2
@@ -201,7 +249,7 @@ def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"config field {name!r} must be one of {list(allowed)}, got {value!r}")
 
 
-def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
+def _stage_checks(name: str, st: StageConfig) -> None:
     def pos(field_name: str, value: float, zero_ok: bool = False) -> None:
         if value < 0 or (value == 0 and not zero_ok):
             cmp = ">= 0" if zero_ok else "> 0"
@@ -224,14 +272,17 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
     _choice(f"{name}.truncation", st.truncation, ("left", "right", "error"))
     _choice(f"{name}.schedule", st.schedule, ("cosine", "constant"))
     _choice(f"{name}.optimizer", st.optimizer, ("adamw", "sgd"))
-    _choice(f"{name}.loss_type", st.loss_type, ("sigmoid", "ipo"))
-    _choice(f"{name}.dpo_reference", st.dpo_reference, ("precompute", "model"))
-    if stage == "dpo":
+    if isinstance(st, SFTConfig):
+        _choice(f"{name}.train_turns", st.train_turns, ("all", "last"))
+    if isinstance(st, DPOConfig):
+        _choice(f"{name}.loss_type", st.loss_type, ("sigmoid", "ipo"))
+        _choice(f"{name}.dpo_reference", st.dpo_reference, ("precompute", "model"))
         pos("beta", st.beta)
-    if not 0.0 <= st.label_smoothing < 0.5:
-        raise ValueError(
-            f"config field '{name}.label_smoothing' must be in [0, 0.5), got {st.label_smoothing}"
-        )
+        if not 0.0 <= st.label_smoothing < 0.5:
+            raise ValueError(
+                f"config field '{name}.label_smoothing' must be in [0, 0.5), "
+                f"got {st.label_smoothing}"
+            )
     og = st.ogpsa
     _choice(f"{name}.ogpsa.method", og.method, METHODS)
     _choice(f"{name}.ogpsa.basis_dtype", og.basis_dtype, ("float32", "bfloat16"))
@@ -243,6 +294,10 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
         )
     if not 0.0 <= og.energy <= 1.0:
         raise ValueError(f"config field '{name}.ogpsa.energy' must be in [0, 1], got {og.energy}")
+    if not 0.0 <= og.lora_tol < 1.0:
+        raise ValueError(
+            f"config field '{name}.ogpsa.lora_tol' must be in [0, 1), got {og.lora_tol}"
+        )
     for f in ("refresh_every", "reference_rows", "reference_batch_size", "capture_rows"):
         pos(f"ogpsa.{f}", getattr(og, f))
     if og.union and og.method != "activation":
@@ -256,6 +311,36 @@ def _stage_checks(name: str, st: StageConfig, stage: str) -> None:
             ogpsa_matrix(og.k, conflict_only=og.conflict_only)
         except ValueError as e:
             raise ValueError(f"config field '{name}.ogpsa.conflict_only': {e}") from None
+
+
+def lora_config(settings: LoRASettings) -> LoRAConfig | None:
+    """The adapters' `LoRAConfig` of ``model.lora`` (None for rank 0: no adapters).
+
+    Raises:
+        ValueError: naming the field: rank < 0, alpha <= 0, unknown, repeated or no targets.
+
+    Example:
+        >>> lora_config(LoRASettings(rank=4, targets=("q", "v"))).scaling
+        4.0
+        >>> lora_config(LoRASettings()) is None
+        True
+    """
+    if settings.rank < 0:
+        raise ValueError(
+            f"config field 'model.lora.rank' must be >= 0 (0 = no adapters), got {settings.rank}"
+        )
+    if settings.rank == 0:
+        return None
+    try:
+        return LoRAConfig(
+            rank=settings.rank,
+            alpha=settings.alpha,
+            targets=settings.targets,
+            use_rslora=settings.use_rslora,
+        )
+    except ValueError as e:
+        field_name = "alpha" if "alpha" in str(e) else "targets"
+        raise ValueError(f"config field 'model.lora.{field_name}': {e}") from None
 
 
 def stages_of(command: str) -> tuple[str, ...]:
@@ -295,33 +380,29 @@ def resolve_mesh_shape(config: TrainConfig, device_count: int) -> tuple[int, int
     return tuple(shape)  # type: ignore[return-value]
 
 
-def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int, int, int]:
+def validate(config: TrainConfig, command: str, device_count: int | None) -> tuple[int, ...]:
     """Checks types, ranges, choices and the mesh before any compute.
 
     Args:
         config: the config to check.
         command: "sft", "dpo" or "sft-dpo".
-        device_count: visible devices.
+        device_count: visible devices; None skips the checks that depend on them (the mesh
+            and the batch divisibility), e.g. to show a config for another machine.
 
     Returns:
-        The resolved mesh shape.
+        The resolved mesh shape (``config.mesh`` as given when ``device_count`` is None).
 
     Raises:
         ValueError: naming the first bad field.
     """
     overrides.check_types(config)
     stages = stages_of(command)
-    _choice("model.init", config.model.init, ("random", "hf"))
     _choice("model.dtype", config.model.dtype, ("float32", "bfloat16"))
     _choice("model.param_dtype", config.model.param_dtype, ("float32", "bfloat16"))
     _choice("mesh_axis_type", config.mesh_axis_type, ("auto", "explicit"))
     _choice("on_nonfinite", config.on_nonfinite, ("skip", "stop"))
-    if config.model.init == "random":
-        _choice(
-            "model.arch", config.model.arch, ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_1_8b")
-        )
-    elif not config.model.path:
-        raise ValueError("config field 'model.path' is empty but model.init='hf'")
+    if not config.model.path:
+        _choice("model.arch", config.model.arch, ARCHS)
     if config.model.frozen_layers < 0:
         raise ValueError("config field 'model.frozen_layers' must be >= 0")
     if config.model.scan_unroll < 0:
@@ -329,6 +410,7 @@ def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int,
             f"config field 'model.scan_unroll' must be >= 0 (0 = unroll every layer), "
             f"got {config.model.scan_unroll}"
         )
+    lora_config(config.model.lora)
     if config.model.attention_chunk < -1:
         raise ValueError(
             f"config field 'model.attention_chunk' must be >= -1 (-1 = auto, 0 = one block), "
@@ -349,11 +431,13 @@ def validate(config: TrainConfig, command: str, device_count: int) -> tuple[int,
             raise ValueError(f"config field {f!r} must be >= 1, got {getattr(config, f)}")
     if config.num_devices < 0:
         raise ValueError(f"config field 'num_devices' must be >= 0, got {config.num_devices}")
+    for stage in stages:
+        _stage_checks(stage, getattr(config, stage))
+    if device_count is None:
+        return tuple(config.mesh)
     shape = resolve_mesh_shape(config, device_count)
     for stage in stages:
-        st = getattr(config, stage)
-        _stage_checks(stage, st, stage)
-        rows = st.batch_size
+        rows = getattr(config, stage).batch_size
         if rows % (shape[0] * shape[1]):
             raise ValueError(
                 f"config field '{stage}.batch_size'={rows} is not divisible by the mesh's "

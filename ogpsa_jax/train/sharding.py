@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -94,6 +94,97 @@ def place(batch: Mapping[str, np.ndarray], shardings: Any) -> dict[str, jax.Arra
     if isinstance(shardings, NamedSharding):
         return {k: one(v, shardings) for k, v in batch.items()}
     return {k: one(v, shardings[k]) for k, v in batch.items()}
+
+
+def shardings_of(tree: Any) -> Any:
+    """The sharding of every array of ``tree``, in its structure (for ``in_shardings``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> type(shardings_of({"w": jnp.zeros(2)})["w"]).__name__
+        'SingleDeviceSharding'
+    """
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def as_argument(fn: Callable) -> jax.tree_util.Partial:
+    """``fn`` as a pytree to pass to a jitted function as an argument.
+
+    A jitted function embeds the arrays it closes over in its program as constants (for the
+    frozen base weights of LoRA training: the whole model). Passed as an argument instead, a
+    ``jax.tree_util.Partial``'s bound arrays are inputs of the program; a plain function binds
+    none and passes through unchanged.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = as_argument(jax.tree_util.Partial(jnp.add, jnp.ones(2)))
+        >>> jax.jit(lambda f, x: f(x))(f, jnp.ones(2))
+        Array([2., 2.], dtype=float32)
+    """
+    return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+
+
+class BoundProgram:
+    """A jitted program whose first argument is a model function, bound: calling it, lowering
+    it and calling its compiled program pass only the remaining arguments (the function's
+    arrays stay program inputs).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = jax.tree_util.Partial(jnp.add, jnp.ones(2))
+        >>> prog = jit_bound(lambda f, x: f(x), f)
+        >>> prog(jnp.ones(2))
+        Array([2., 2.], dtype=float32)
+        >>> prog.lower(jnp.ones(2)).compile()(jnp.ones(2))
+        Array([2., 2.], dtype=float32)
+    """
+
+    def __init__(self, jitted: Any, fn: Any) -> None:
+        self.jitted, self.fn = jitted, fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.jitted(self.fn, *args)
+
+    def lower(self, *args: Any) -> BoundProgram:
+        """``jitted.lower`` with the bound function first (for ahead-of-time compiles); its
+        ``compile()`` is bound the same way, so the compiled program is called like this one."""
+        return BoundProgram(self.jitted.lower(self.fn, *args), self.fn)
+
+    def compile(self) -> BoundProgram:
+        """Compiles a lowered program (the result of `lower`)."""
+        return BoundProgram(self.jitted.compile(), self.fn)
+
+    def __getattr__(self, name: str) -> Any:  # memory_analysis, cost_analysis, as_text, ...
+        return getattr(self.__dict__["jitted"], name)
+
+
+def jit_bound(
+    program: Callable,
+    fn: Callable,
+    *,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    donate_argnums: tuple[int, ...] = (),
+) -> BoundProgram:
+    """``program(fn, *args)`` jitted with ``fn`` passed as an argument (`as_argument`) and bound.
+
+    Args:
+        program: ``(fn, *args) -> outputs``.
+        fn: the model function (a ``jax.tree_util.Partial`` binding frozen weights, or plain).
+        in_shardings: shardings of ``args`` (None: inferred); ``fn``'s come from its arrays.
+        out_shardings: as for ``jax.jit``.
+        donate_argnums: indices into ``args`` to donate.
+
+    Returns:
+        The `BoundProgram`.
+    """
+    fn = as_argument(fn)
+    kwargs: dict[str, Any] = {"donate_argnums": tuple(i + 1 for i in donate_argnums)}
+    if in_shardings is not None:
+        kwargs["in_shardings"] = (shardings_of(fn), *in_shardings)
+    if out_shardings is not None:
+        kwargs["out_shardings"] = out_shardings
+    return BoundProgram(jax.jit(program, **kwargs), fn)
 
 
 def opt_shardings(abstract_opt: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
