@@ -17,7 +17,7 @@ CARRIERS_ANY_PYTHON := jailbreakbench==0.1.3
 LM_EVAL := lm_eval==0.4.13
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: setup test demo bench bench-projection bench-attention bench-scale lint fixtures clean \
+.PHONY: setup test test-fast demo bench bench-projection bench-attention bench-scale lint fixtures clean \
         fixtures-env
 
 $(STAMP): pyproject.toml Makefile
@@ -31,8 +31,15 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# Every test, then the docstring examples of the library (they are executed, so they stay true).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --doctest-modules ogpsa_jax
+
+# The unit tests (no end-to-end training runs, no real-model or mesh-equivalence checks): for
+# iteration; `make test` runs everything.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo

@@ -10,6 +10,8 @@ from safetensors.numpy import load_file
 from ogpsa_jax.cli import EXIT_BAD_INPUT, main
 from ogpsa_jax.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 
 def run(out, *extra):
     return main(["train", "sft", "--preset", "tiny", "--output-dir", str(out), *extra])

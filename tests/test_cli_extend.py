@@ -16,6 +16,8 @@ from ogpsa_jax.train.metrics import read_metrics
 from ogpsa_jax.train.optimizer import make_schedule
 from ogpsa_jax.train.run_dir import check_output_dir
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 TIMING = {"tokens_per_s", "refresh_s"}
 
 

@@ -13,6 +13,8 @@ import pytest
 from ogpsa_jax import logs
 from ogpsa_jax.train.progress import Progress, step_line
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = (
     "Unable to initialize backend",

@@ -16,6 +16,8 @@ from ogpsa_jax import data, models
 from ogpsa_jax.cli import EXIT_BAD_INPUT, EXIT_NONFINITE, main
 from ogpsa_jax.testing import inject_nonfinite
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 
 def tokenizer():
     return AutoTokenizer.from_pretrained(data.assets_path("tiny_tokenizer"))

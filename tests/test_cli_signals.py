@@ -17,6 +17,8 @@ from ogpsa_jax.train.checkpoint import complete_steps
 from ogpsa_jax.train.metrics import read_metrics
 from ogpsa_jax.train.signals import EXIT_INTERRUPTED, StopRequest
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 # Checkpoints after every 3rd step: a stop at step 2 or 5 writes a checkpoint of its own.

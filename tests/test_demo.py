@@ -27,6 +27,8 @@ from ogpsa_jax.experiment import report, targets
 from ogpsa_jax.experiment.averaging import average_models, average_params
 from ogpsa_jax.overrides import apply_overrides
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 # Two trained runs cover every code path: naive SFT, OGPSA SFT and an OGPSA DPO stage that
 # starts from (and references) the OGPSA SFT output; weight averaging mixes start <-> naive SFT.
 OVERRIDES = ("runs=naive:sft,ogpsa:sft-dpo", "alphas=0.5")

@@ -309,6 +309,7 @@ def test_model_judge_falls_back_to_keywords_when_unparseable(tok, complier):
 
 
 # ----------------------------------------------------------------------------- scoring
+@pytest.mark.slow
 def test_multiple_choice_scores_match_hand_computation(tok, model):
     items = ev.load_prompt_set("bbq", limit=3) + ev.load_prompt_set("gsm8k", limit=2)
     res = ev.multiple_choice_accuracy(
@@ -351,6 +352,7 @@ def test_oracle_model_scores_known_answers_correct(tok):
         assert res["scores"][0][item["answer"]] > -1e-6  # ~ log 1
 
 
+@pytest.mark.slow
 def test_score_continuations_sharded_model_matches_single_device(tok, model):
     reqs = [([5, 9, 13, 17, 3], [21, 8]), ([7, 11], [2, 4, 6]), ([30], [31])]
     ref = ev.score_continuations(model, reqs, batch_size=3, length_bucket=8)
@@ -455,6 +457,7 @@ def test_lm_eval_adapter_generate_until(tok, refuser):
 
 
 # ----------------------------------------------------------------------------- suite
+@pytest.mark.slow
 def test_evaluate_alignment_schema_and_known_values(tok, refuser, complier):
     cfg = ev.EvalConfig(
         harmful_limit=2,

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 
 def test_permuted_digits_smoke():
     """One seed, few steps, two methods: the experiment runs and its records are consistent."""

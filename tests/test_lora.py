@@ -164,6 +164,7 @@ def test_grads_only_for_adapters_and_zero_for_a_at_b_zero():
     assert jnp.array_equal(again(ids, mask), model(ids, mask))
 
 
+@pytest.mark.slow
 def test_frozen_layers_freeze_adapters_too():
     cfg = tiny_config().replace(num_layers=4)
     model = _random_b(
@@ -194,6 +195,7 @@ def test_frozen_layers_freeze_adapters_too():
 
 
 # (data, fsdp, tensor) = 2 x 4 meshes of the 8 virtual devices; vocab 98 divides tensor=2 only
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,axis_type", [((2, 1, 4), "auto"), ((1, 2, 4), "explicit")])
 def test_adapters_on_a_mesh_equal_single_device(shape, axis_type):
     cfg = tiny_config(vocab_size=98, architecture="qwen2").replace(tie_word_embeddings=False)
@@ -251,6 +253,7 @@ def test_bf16_compute_and_bf16_params():
     assert np.isfinite(np.asarray(_logits(bf, ids, mask))).all()
 
 
+@pytest.mark.slow
 def test_generation_and_scoring_with_adapters_equal_the_merged_model():
     base = init_random(tiny_config(architecture="qwen2"), seed=8, dtype=jnp.float32)
     model = _random_b(add_lora(base, LoRAConfig(rank=4, alpha=16, targets=ALL)), scale=0.3)

@@ -46,6 +46,8 @@ from ogpsa_jax.train.lora_refresh import orthogonal_to, rank_basis
 from ogpsa_jax.train.metrics import read_metrics
 from ogpsa_jax.train.stage import model_function
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 RANK, ALPHA, K = 4, 8.0, 11
 SCALING = ALPHA / RANK
 SFT = [

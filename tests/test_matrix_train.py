@@ -29,6 +29,8 @@ from ogpsa_jax.train.metrics import read_metrics
 from ogpsa_jax.train.refresh import inputs_like, make_activation_refresh, rows_per_batch
 from ogpsa_jax.train.sharding import place, rows_sharding
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 RANK, ENERGY = 11, 0.8
 OVERRIDES = [
     "mesh=2,4,1",

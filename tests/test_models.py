@@ -140,6 +140,7 @@ def test_large_presets_build_abstractly_with_shardings():
 
 
 # vocab 98 splits on tensor=2; 97 cannot and must fall back to replicated on that axis
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape,axis_type,vocab", [((2, 2, 2), "auto", 98), ((1, 4, 2), "explicit", 97)]
 )
@@ -167,6 +168,7 @@ def test_sharded_model_matches_single_device(shape, axis_type, vocab):
     )
 
 
+@pytest.mark.slow
 def test_frozen_layers_same_forward_and_zero_grads():
     cfg = tiny_config(vocab_size=97).replace(num_layers=4)
     model = init_random(cfg, seed=3, dtype=jnp.float32)
@@ -193,6 +195,7 @@ def test_frozen_layers_same_forward_and_zero_grads():
         model(ids, mask, frozen_layers=5)
 
 
+@pytest.mark.slow
 def test_scan_unroll_same_logits_and_grads():
     # 1 (a loop), 2 (4 layers in 2 iterations), 3 (a remainder) and 0 (unrolled) are the same
     # math; only XLA's schedule differs (tolerance: float32 reassociation).
@@ -219,6 +222,7 @@ def test_scan_unroll_same_logits_and_grads():
         model(ids, mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_attention_chunks_same_logits_and_grads(arch):
     # Blocks of query rows against their key prefix are the same causal attention as one L x L

@@ -48,6 +48,8 @@ from ogpsa_jax.train.refresh import make_gradient_refresh
 from ogpsa_jax.train.run_dir import prepare_output_dir
 from ogpsa_jax.train.step import logits_logps
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 F32 = jnp.float32
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
 

@@ -39,6 +39,8 @@ from ogpsa_jax.train.plan import StagePlan, plan, plan_stage
 from ogpsa_jax.train.stage import make_micro_loss
 from ogpsa_jax.train.step import add_micro_batch, zero_sums
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 SHRINK_BOUND = 0.3  # temporaries on 8 devices / on 1 device
 
 

@@ -16,6 +16,8 @@ from ogpsa_jax.models import generate, init_random, make_mesh, tiny_config
 from ogpsa_jax.models.functional import forward_with_cache, head_logits, hidden_states, prefill
 from ogpsa_jax.models.sharding import with_auto_axes
 
+pytestmark = pytest.mark.slow  # compiles on 1 and 8 devices; `make test-fast` skips them
+
 SHRINK_BOUND = 0.3
 CONFIG = tiny_config(vocab_size=512)
 ROWS, PROMPT, NEW = 32, 48, 16

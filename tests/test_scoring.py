@@ -114,6 +114,7 @@ class _Wrapped(nnx.Module):
         return self.inner(input_ids, attention_mask)
 
 
+@pytest.mark.slow
 def test_all_paths_match_hand_computation(model, ref_model):
     reqs = _requests(model)
     want = _expected(model, ref_model, reqs)
@@ -164,6 +165,7 @@ def test_shared_batches_prefill_each_context_once():
     assert [len(r) for r, _ in split] == [2, 2, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
 def test_sharded_model_matches_hand_computation(model, ref_model, axis_type):
     reqs = _requests(model)[:5]  # 3 + 1 + 1 requests: one batch of 5 rows, 3 contexts

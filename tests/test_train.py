@@ -46,6 +46,8 @@ from ogpsa_jax.train.losses import token_nll
 from ogpsa_jax.train.metrics import read_metrics
 from ogpsa_jax.train.step import dpo_micro_loss, logits_logps, sft_micro_loss
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test` runs them, `make test-fast` not
+
 TIMING_KEYS = {"tokens_per_s", "refresh_s"}
 
 
