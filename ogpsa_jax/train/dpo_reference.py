@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ogpsa_jax.data import EncodedPair, pad_batch
 from ogpsa_jax.train.schema import StageConfig
@@ -67,6 +69,7 @@ def reference_logps_table(
     logps_jit = jax.jit(
         lambda f, p, b: make_logps_fn(f, stage)(p, b),
         in_shardings=(shardings_of(fn), param_shardings, rows_sh),
+        out_shardings=NamedSharding(mesh, P()),  # every process reads every row's value
     )
     table: dict[bytes, float] = {}
     bs = stage.batch_size
