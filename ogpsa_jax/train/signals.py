@@ -97,6 +97,12 @@ class StopRequest:
         if self._agree is None:
             return self.signal is not None
         agreed = self._agree(self.signal)  # a signal arriving meanwhile counts next time
+        if agreed is not None and self.signal is None:
+            logger.warning(
+                "%s reached another process of the job: checkpointing at this step boundary, "
+                "then exiting",
+                agreed,
+            )
         self.signal = agreed or self.signal
         return agreed is not None
 
