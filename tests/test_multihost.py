@@ -260,6 +260,7 @@ def test_two_processes_train_like_one_and_write_once(two_process_run, tmp_path):
                     continue
                 np.testing.assert_allclose(ra[key], rb[key], rtol=METRICS_RTOL, atol=1e-6)
         assert json.loads((two / f"{stage}done.json").read_text())["step"] == STEPS
+        assert len(list((two / f"{stage}tb").iterdir())) == 1  # one TensorBoard writer
     assert json.loads((two / "config.json").read_text())["command"] == "sft-dpo"
     # Process 0 tells the run; process 1 says nothing at INFO; no gloo lines.
     assert log.count("model exported to") == 2 and "[0] " in log, log
