@@ -189,14 +189,15 @@ def started(procs):
             p.wait()
 
 
-def start(out, command, port, index, *, drill="", log_name, extra=()):
+def start(out, command, port, index, *, drill="", poison=(), log_name, extra=(), args=ARGS):
     """Process ``index`` of a 2 x 4 job running ``ogpsa train COMMAND`` (under the fault drill
-    when ``drill``); its output goes to a log file."""
+    when ``drill``, with `ogpsa_jax.testing`'s poison options ``poison``); its output goes to
+    a log file."""
     env = launch.process_env(os.environ, port=port, processes=2, index=index, devices=4)
     env.update(OPENBLAS_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    runner = ["ogpsa_jax.testing", "--fault-drill", drill] if drill else ["ogpsa_jax.cli"]
-    cmd = [sys.executable, "-m", *runner, "train", command, "--output-dir", str(out), *ARGS]
+    runner = ["ogpsa_jax.testing", "--fault-drill", drill, *poison]
+    cmd = [sys.executable, "-m", *runner, "train", command, "--output-dir", str(out), *args]
     log = out.parent / f"{log_name}.{index}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([*cmd, *extra], cwd=REPO, env=env, stdout=f, stderr=f)
@@ -352,3 +353,33 @@ def test_sigkill_of_one_process_stops_the_other_and_both_resume(two_process_run,
     assert "resumed from checkpoint step 2" in log0, log0
     # `train sft` computes what the SFT stage of `train sft-dpo` computes.
     chex.assert_trees_all_equal(weights(run / "final"), weights(uninterrupted / "sft" / "final"))
+
+
+@pytest.mark.slow
+def test_a_nonfinite_step_is_skipped_and_stopped_by_every_process(tmp_path):
+    # The poison is NaN in process 1's copy of the step input only (0 in process 0's): the
+    # gradient is non-finite on process 1's devices alone, and the skip and the stop are still
+    # decided alike, from the step's global values.
+    run, port = tmp_path / "run", launch.free_port()
+    args = ["--preset", "tiny", "--max-steps", "3", "--set", "max_consecutive_skips=1"]
+    procs = [
+        start(
+            run,
+            "sft",
+            port,
+            i,
+            poison=["--poison-steps", "2", "--poison", p],
+            args=args,
+            log_name="nonfinite",
+        )
+        for i, p in ((0, "0"), (1, "nan"))
+    ]
+    try:
+        (code0, log0), (code1, log1) = wait(procs[0]), wait(procs[1])
+    finally:
+        started(procs)
+    assert (code0, code1) == (cli.EXIT_NONFINITE, cli.EXIT_NONFINITE), log0 + log1
+    for log in (log0, log1):
+        assert "sft step 2 skipped: non-finite value at parameter" in log, log
+        assert "sft step 2: 1 consecutive non-finite steps" in log, log
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1]
