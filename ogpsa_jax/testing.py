@@ -12,7 +12,9 @@ hooks for the length of a ``with`` block and restore the previous ones after it.
 * `fault_drill(spec)`: inside the block, the training process SIGKILLs itself (or sends itself a
   Ctrl-C or SIGTERM) a given time into a phase (``PHASE@STEP+SECONDS[:SIGNAL]``; see
   `parse_fault_drill`). ``python -m ogpsa_jax.testing
-  --fault-drill SPEC train ...`` runs the ``ogpsa`` command line with it (tests/fault_drill.py).
+  --fault-drill SPEC train ...`` runs the ``ogpsa`` command line with it (tests/fault_drill.py);
+  ``--poison-steps 2,5 [--poison VALUE]`` runs it under `inject_nonfinite` (a multi-process
+  test gives one process a NaN and the others 0).
 
 Example:
     >>> import jax.numpy as jnp
