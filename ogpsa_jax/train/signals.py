@@ -128,7 +128,9 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def catch_stop_signals(agree: Callable[[bool], bool] | None = None) -> Iterator[StopRequest]:
+def catch_stop_signals(
+    agree: Callable[[str | None], str | None] | None = None,
+) -> Iterator[StopRequest]:
     """SIGTERM and SIGINT set the yielded `StopRequest` inside the block; the previous
     handlers come back after it. Off the main thread (where Python cannot handle signals)
     nothing is installed and the request is never set (in a multi-process job it still
