@@ -270,7 +270,9 @@ def initialize(spec: JobSpec, *, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S)
 
     A process that stops sending heartbeats (killed, out of memory) for ``heartbeat_timeout_s``
     seconds makes JAX abort every other process of the job (exit status 134, from C++: Python
-    cleans nothing up), so a dead peer never leaves the job hanging.
+    cleans nothing up), so a dead peer never leaves the job hanging. A process that exits
+    waits at most as long for the others at JAX's shutdown barrier: one that failed alone
+    (the others still in a collective) makes the job abort then.
 
     Args:
         spec: from `job_spec`.
@@ -297,6 +299,9 @@ def initialize(spec: JobSpec, *, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S)
         num_processes=spec.num_processes,
         process_id=spec.process_id,
         heartbeat_timeout_seconds=heartbeat_timeout_s,
+        # at exit every process waits for the others this long (JAX's default: 5 minutes): a
+        # process that failed alone then ends the job that soon, not 5 minutes later
+        shutdown_timeout_seconds=heartbeat_timeout_s,
     )
     logger.info(
         "%s: %d devices in all, %d here",

@@ -189,6 +189,8 @@ def _export(stage: Stage, carry: Carry, tokenizer: Any, final_dir: str) -> None:
     if jax.process_count() > 1:  # every process joins the gather; process 0 writes
         params = multihost_utils.process_allgather(params, tiled=True)
         rest = multihost_utils.process_allgather(rest, tiled=True)
+        if jax.process_index() == 0:  # host copies it may write to (merging LoRA does)
+            params, rest = jax.tree.map(np.array, (params, rest))
     if jax.process_index() == 0:
         model = nnx.merge(stage.graphdef, params, rest)
         if stage.lora is not None:
