@@ -214,6 +214,14 @@ def wait(proc, timeout=400):
     return code, proc.log_path.read_text()
 
 
+def wait_all(procs):
+    """Every process's (exit status, log); whatever is left is SIGKILLed."""
+    try:
+        return [wait(p) for p in procs]
+    finally:
+        started(procs)
+
+
 def weights(folder):
     return load_file(folder / "model.safetensors")
 
@@ -279,10 +287,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(two_process_r
         start(run, "sft-dpo", port, 0, log_name="term"),
         start(run, "sft-dpo", port, 1, drill="step@1+0:TERM", log_name="term"),
     ]
-    try:
-        (code0, log0), (code1, log1) = wait(procs[0]), wait(procs[1])
-    finally:
-        started(procs)
+    (code0, log0), (code1, log1) = wait_all(procs)
     assert (code0, code1) == (EXIT_PREEMPTED, EXIT_PREEMPTED), log0 + log1
     assert "stopped by SIGTERM at step 1 (checkpoint saved)" in log0, log0
     assert complete_steps(run / "sft" / "checkpoints") == [1]
@@ -293,10 +298,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(two_process_r
     # Rerunning both resumes and ends bitwise equal to the uninterrupted two-process run.
     port = launch.free_port()
     procs = [start(run, "sft-dpo", port, i, log_name="resume") for i in (0, 1)]
-    try:
-        (code0, log0), (code1, log1) = wait(procs[0]), wait(procs[1])
-    finally:
-        started(procs)
+    (code0, log0), (code1, log1) = wait_all(procs)
     assert (code0, code1) == (0, 0), log0 + log1
     assert "sft: resumed from checkpoint step 1" in log0, log0
     for stage in ("sft/", ""):
@@ -345,10 +347,7 @@ def test_sigkill_of_one_process_stops_the_other_and_both_resume(two_process_run,
 
     port = launch.free_port()
     procs = [start(run, "sft", port, i, log_name="again") for i in (0, 1)]
-    try:
-        (code0, log0), (code1, log1) = wait(procs[0]), wait(procs[1])
-    finally:
-        started(procs)
+    (code0, log0), (code1, log1) = wait_all(procs)
     assert (code0, code1) == (0, 0), log0 + log1
     assert "resumed from checkpoint step 2" in log0, log0
     # `train sft` computes what the SFT stage of `train sft-dpo` computes.
@@ -375,10 +374,7 @@ def test_a_nonfinite_step_is_skipped_by_every_process_and_lora_exports_once(tmp_
         )
         for i, p in ((0, "0"), (1, "nan"))
     ]
-    try:
-        (code0, log0), (code1, log1) = wait(procs[0]), wait(procs[1])
-    finally:
-        started(procs)
+    (code0, log0), (code1, log1) = wait_all(procs)
     assert (code0, code1) == (0, 0), log0 + log1
     for log in (log0, log1):
         assert "sft step 2 skipped: non-finite value at parameter" in log, log
