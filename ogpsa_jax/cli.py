@@ -141,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("name", help="an experiment in the checkout's experiments/ folder")
     ex.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
+    la = sub.add_parser(  # only for this help: `main` hands `launch` to ogpsa_jax.launch
+        "launch",
+        help="run `ogpsa ARGS` as a multi-process job on this machine: `ogpsa launch --help`",
+    )
+    la.add_argument("args", nargs=argparse.REMAINDER, help="see `ogpsa launch --help`")
     return parser
 
 
