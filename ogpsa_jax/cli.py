@@ -1,7 +1,11 @@
 """The ``ogpsa`` command line.
 
     ogpsa train {sft,dpo,sft-dpo} --preset NAME --output-dir DIR [--max-steps N]
-                [--set field=value ...] [--overwrite] [--distributed] [--log-every N]
+                [--set field=value ...] [--overwrite] [--log-every N]
+                [--coordinator HOST:PORT --num-processes N --process-id I]
+                [--heartbeat-timeout S] [--distributed]
+    ogpsa launch --processes N [--devices-per-process D] -- train ...
+                                    (a local multi-process job: docs/multihost.md)
     ogpsa plan --preset NAME --devices N [--command sft|dpo|sft-dpo] [--set field=value ...]
                [--cost] [--json]     (per-device memory from ahead-of-time compiles on N
                                       virtual CPU devices; nothing is allocated)
@@ -37,7 +41,7 @@ import runpy
 import sys
 from collections.abc import Sequence
 
-from ogpsa_jax import logs
+from ogpsa_jax import distributed, launch, logs
 
 logger = logging.getLogger("ogpsa_jax.cli")
 
@@ -77,11 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=int, default=None, help="cap steps of every stage")
     _set_flag(tr, "sft.ogpsa.k=4 --set sft.data=my.jsonl")
     tr.add_argument("--overwrite", action="store_true", help="replace a run with another config")
-    tr.add_argument(
+    job = tr.add_argument_group(
+        "multi-process job (docs/multihost.md; read from JAX_COORDINATOR_ADDRESS + "
+        "JAX_NUM_PROCESSES + JAX_PROCESS_ID, srun, mpirun or a TPU slice when not given)"
+    )
+    job.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    job.add_argument("--num-processes", type=int, default=None, metavar="N")
+    job.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
+    job.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=None,
+        metavar="S",
+        help="a process silent this long is dead and the others stop (default 60)",
+    )
+    job.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() (automatic with JAX_COORDINATOR_ADDRESS, a "
-        "multi-task SLURM job, or a multi-host TPU slice)",
+        help="join a job that only JAX's own cluster detection recognises",
     )
     tr.add_argument(
         "--log-every",
@@ -138,6 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("name", help="an experiment in the checkout's experiments/ folder")
     ex.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
+    la = sub.add_parser(  # only for this help: `main` hands `launch` to ogpsa_jax.launch
+        "launch",
+        help="run `ogpsa ARGS` as a multi-process job on this machine: `ogpsa launch --help`",
+    )
+    la.add_argument("args", nargs=argparse.REMAINDER, help="see `ogpsa launch --help`")
     return parser
 
 
@@ -209,19 +231,42 @@ def run_experiment(argv: Sequence[str], root: pathlib.Path | None = None) -> int
     return 0
 
 
-def _multi_process_env() -> bool:
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_JOB_ID"):
-        return True
-    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+def _join_job(args: argparse.Namespace) -> None:
+    """Reads the job's shape (flags, then the environment) and starts ``jax.distributed``;
+    a process other than 0 then logs warnings and errors only, with its index in front."""
+    spec = distributed.job_spec(
+        os.environ,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        detect=args.distributed,
+    )
+    timeout = distributed.HEARTBEAT_TIMEOUT_S
+    if args.heartbeat_timeout is not None:
+        if args.heartbeat_timeout < 1:
+            raise ValueError(f"--heartbeat-timeout must be >= 1, got {args.heartbeat_timeout}")
+        timeout = args.heartbeat_timeout
+    if not spec.distributed:
+        return
+    if args.setup_logs:  # this process is ours: gloo's native connection lines go nowhere
+        distributed.silence_native_stdout()
+        if spec.process_id:  # known before JAX starts (not on a TPU slice)
+            _log_as_worker(spec.process_id)
+    distributed.initialize(spec, heartbeat_timeout_s=timeout)
+    # function-local: jax takes seconds to import
+    import jax
+
+    if args.setup_logs and jax.process_index() != 0:
+        _log_as_worker(jax.process_index())
+
+
+def _log_as_worker(index: int) -> None:
+    """Process ``index`` > 0 of a job: warnings and errors only, with its index in front."""
+    logs.setup_logging("WARNING", prefix=lambda: f"[process {index}] ")
 
 
 def _train(args: argparse.Namespace) -> int:
-    # function-local: jax and the training package take seconds to import
-    import jax
-
+    # function-local: the training package imports jax (seconds)
     from ogpsa_jax.train import (
         EXIT_PREEMPTED,
         NonFiniteError,
@@ -231,9 +276,6 @@ def _train(args: argparse.Namespace) -> int:
     )
     from ogpsa_jax.train.schema import stages_of
 
-    if args.distributed or _multi_process_env():
-        jax.distributed.initialize()
-        logger.info("process %d of %d", jax.process_index(), jax.process_count())
     config = apply_overrides(preset(args.preset), args.set)
     if args.max_steps is not None:
         if args.max_steps < 1:
@@ -243,6 +285,7 @@ def _train(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, **{stage: st})
     if args.log_every is not None and args.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+    _join_job(args)
     try:
         result = train(
             args.command,
@@ -381,8 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["experiment"]:  # an experiment of the checkout, with its own parser
         return run_experiment(argv[1:])
+    if argv[:1] == ["launch"]:  # processes of a local multi-process job, with its own parser
+        return launch.main(argv[1:])
     logs.quiet_environment()  # before transformers or datasets are imported
     args = _parser().parse_args(argv)
+    args.setup_logs = as_program
     try:
         if as_program:
             logs.setup_logging(args.log_level, quiet=args.quiet)

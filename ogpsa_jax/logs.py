@@ -36,6 +36,7 @@ from typing import IO
 # Loggers whose INFO and WARNING records are noise for a training run: moved to DEBUG.
 NOISY_LOGGERS = (
     "jax._src.xla_bridge",  # "Unable to initialize backend 'tpu'" on every CPU/GPU start
+    "jax._src.distributed",  # "Connecting to JAX distributed service on ..." of every process
     "absl",  # orbax: "CheckpointManagerOptions.read_only=True ..." when a run is resumed
     "datasets",  # "JAX version ... available", builder notices
     "transformers",  # advisory notices

@@ -12,7 +12,9 @@ hooks for the length of a ``with`` block and restore the previous ones after it.
 * `fault_drill(spec)`: inside the block, the training process SIGKILLs itself (or sends itself a
   Ctrl-C or SIGTERM) a given time into a phase (``PHASE@STEP+SECONDS[:SIGNAL]``; see
   `parse_fault_drill`). ``python -m ogpsa_jax.testing
-  --fault-drill SPEC train ...`` runs the ``ogpsa`` command line with it (tests/fault_drill.py).
+  --fault-drill SPEC train ...`` runs the ``ogpsa`` command line with it (tests/fault_drill.py);
+  ``--poison-steps 2,5 [--poison VALUE]`` runs it under `inject_nonfinite` (a multi-process
+  test gives one process a NaN and the others 0).
 
 Example:
     >>> import jax.numpy as jnp
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -40,6 +43,7 @@ import numpy as np
 
 from ogpsa_jax import cli
 from ogpsa_jax.train.hooks import Hooks, installed
+from ogpsa_jax.train.hooks import active as hooks_active
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +190,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m ogpsa_jax.testing")
     parser.add_argument("--fault-drill", default="", metavar="PHASE@STEP+SECONDS")
+    parser.add_argument(
+        "--poison-steps",
+        default=None,
+        metavar="S,S",
+        help="train with `poisoning_loss`, poisoning these 1-based steps (`inject_nonfinite`)",
+    )
+    parser.add_argument("--poison", type=float, default=float("nan"), help="the poison value")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the ogpsa command line")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         fault = parse_fault_drill(args.fault_drill)
+        steps = [int(s) for s in args.poison_steps.split(",") if s] if args.poison_steps else None
     except ValueError as e:
         sys.stderr.write(f"{parser.prog}: error: {e}\n")
         return cli.EXIT_BAD_INPUT
     sys.argv = ["ogpsa", *args.args]  # as the console script sees its arguments
-    with installed(Hooks(fault=fault)):
+    poisoned = contextlib.nullcontext() if steps is None else inject_nonfinite(steps, args.poison)
+    with poisoned, installed(dataclasses.replace(hooks_active(), fault=fault)):
         return cli.main()
 
 

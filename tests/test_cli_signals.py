@@ -119,5 +119,6 @@ def test_stop_request_first_ctrl_c_asks_second_raises():
     term.handle(signal.SIGTERM)
     term.handle(signal.SIGTERM)  # repeated SIGTERMs only ask again
     assert term.requested() and term.signal == "SIGTERM"
-    agreed = StopRequest(agree=lambda flag: True)  # the multi-host seam decides
-    assert agreed.requested() and agreed.signal is None
+    agreed = StopRequest(agree=lambda sig: "SIGTERM")  # the multi-host seam decides
+    assert agreed.requested() and agreed.signal == "SIGTERM"
+    assert not StopRequest(agree=lambda sig: None).requested()

@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ogpsa_jax._tree import path_str
+from ogpsa_jax.train.processes import sync_processes
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int) -> ocp.Check
     """
     directory = os.path.abspath(os.fspath(directory))
     _drop_incomplete(directory)
+    sync_processes(f"incomplete checkpoints removed from {directory}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
     )

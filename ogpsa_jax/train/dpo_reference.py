@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ogpsa_jax.data import EncodedPair, pad_batch
 from ogpsa_jax.train.schema import StageConfig
@@ -56,6 +58,7 @@ def reference_logps_program(
         lambda f, p, b: make_logps_fn(f, stage)(p, b),
         logps_fn,
         in_shardings=(param_shardings, rows_sh),
+        out_shardings=NamedSharding(mesh, P()),  # every process reads every row's value
     )
 
 

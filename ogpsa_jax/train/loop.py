@@ -46,6 +46,7 @@ from ogpsa_jax.train.dpo_reference import attach_ref_logps
 from ogpsa_jax.train.inputs import Inputs, load_inputs
 from ogpsa_jax.train.lora import export_lora
 from ogpsa_jax.train.metrics import MetricsLog
+from ogpsa_jax.train.processes import sync_processes
 from ogpsa_jax.train.progress import Progress
 from ogpsa_jax.train.run_dir import (
     check_output_dir,
@@ -188,6 +189,8 @@ def _export(stage: Stage, carry: Carry, tokenizer: Any, final_dir: str) -> None:
     if jax.process_count() > 1:  # every process joins the gather; process 0 writes
         params = multihost_utils.process_allgather(params, tiled=True)
         rest = multihost_utils.process_allgather(rest, tiled=True)
+        if jax.process_index() == 0:  # host copies it may write to (merging LoRA does)
+            params, rest = jax.tree.map(np.array, (params, rest))
     if jax.process_index() == 0:
         model = nnx.merge(stage.graphdef, params, rest)
         if stage.lora is not None:
@@ -198,6 +201,7 @@ def _export(stage: Stage, carry: Carry, tokenizer: Any, final_dir: str) -> None:
             models.save_hf(model, final_dir)
             tokenizer.save_pretrained(final_dir)
         mark_done(stage.stage_dir, carry.step, carry.skips, stage.total)
+    sync_processes(f"{stage.kind} exported")  # the next stage of sft-dpo reads final/
 
 
 # ----------------------------------------------------------------------------- one stage

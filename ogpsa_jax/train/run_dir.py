@@ -32,6 +32,7 @@ from typing import Any
 import jax
 
 from ogpsa_jax.train import checkpoint as ckpt
+from ogpsa_jax.train.processes import sync_processes
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def prepare_output_dir(
     """
     plan = check_output_dir(output_dir, record, overwrite) if plan is None else plan
     cfg_path = os.path.join(output_dir, "config.json")
+    sync_processes("run folder checked")  # every process has read it before process 0 writes
     if plan.action == "resume":
         logger.info("resuming the run in %s (same config)", output_dir)
         return plan
@@ -177,6 +179,7 @@ def prepare_output_dir(
         logger.warning("--overwrite: deleting %s", output_dir)
         if jax.process_index() == 0:
             shutil.rmtree(output_dir)
+        sync_processes("run folder removed")
     value = dict(record)
     if plan.action == "extend":
         logger.info("extending the run in %s: %s", output_dir, ", ".join(plan.changes))
@@ -188,6 +191,7 @@ def prepare_output_dir(
     os.makedirs(output_dir, exist_ok=True)
     if jax.process_index() == 0:
         _write_json(cfg_path, value)
+    sync_processes("run folder written")
     return plan
 
 
