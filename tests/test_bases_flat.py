@@ -122,6 +122,7 @@ def test_gram_schmidt_matches_reference_formulas():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["jit", "explicit"])
 def test_svd_span_and_energy_match_numpy(mode):
     rng = np.random.default_rng(2)

@@ -136,6 +136,7 @@ def setup():
     return params, ids, mask, full
 
 
+@pytest.mark.slow
 def test_captured_inputs_equal_hand_computed_inputs(setup):
     params, ids, mask, cap = setup
     ref = reference_inputs(params, ids, mask)
@@ -160,6 +161,7 @@ def test_captured_inputs_equal_hand_computed_inputs(setup):
     chex.assert_trees_all_close(cap.logits, logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_row_sampling_takes_real_tokens_then_zeroed_padding(setup):
     params, ids, mask, full = setup
     n_real = int(mask.sum())
@@ -178,6 +180,7 @@ def test_row_sampling_takes_real_tokens_then_zeroed_padding(setup):
         assert got.logits is None
 
 
+@pytest.mark.slow
 def test_explicit_mesh_capture_equals_unsharded(setup):
     _, ids, mask, _ = setup
     tiny = tiny_config(vocab_size=53)  # sizes the 2x2x2 mesh divides, so weights are sharded

@@ -370,6 +370,7 @@ def test_score_continuations_sharded_model_matches_single_device(tok, model):
         ev.score_continuations(model, [([1], [2]), ([1], [])])
 
 
+@pytest.mark.slow
 def test_drift_nll_and_kl(tok, model):
     prompts = ev.load_prompt_set("benign_reference", limit=3)
     answers = [[40, 41, 42], [50, 51], "Sure, here is how."]
@@ -412,6 +413,7 @@ def _req(*args):
     return SimpleNamespace(args=args)
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_loglikelihood_matches_logits(tok, model):
     lm = ev.LMEvalAdapter(model, tok, batch_size=3, max_length=64)
     pairs = [("The cat", " sat on the mat"), ("Question: 2 + 2 = ", "4"), ("", "hello world")]
@@ -525,6 +527,7 @@ def test_evaluate_alignment_schema_and_known_values(tok, refuser, complier):
         ev.EvalConfig(gsm8k_mode="cot")
 
 
+@pytest.mark.slow
 def test_evaluate_alignment_given_sets_phases_and_generation(tok, refuser):
     cfg = ev.EvalConfig(
         max_new_tokens=12,

@@ -4,7 +4,8 @@ Example:
   >>> from transformers import AutoTokenizer
   >>> from ogpsa_jax import data
   >>> tok = AutoTokenizer.from_pretrained(data.assets_path("tiny_tokenizer"))
-  >>> enc = data.tokenize_sft(tok, data.load_sft(data.assets_path("general.jsonl")), max_length=64)
+  >>> rows = data.load_sft(data.assets_path("general.jsonl"))
+  >>> enc = data.tokenize_sft(tok, rows, max_length=64, truncation="right")
   >>> batches = data.Batches(enc, batch_size=4, pad_id=data.pad_token_id(tok), seed=0)
   >>> step = batches.next_step(accum_steps=2)  # {"input_ids": [2, 4, L], ...}
 """

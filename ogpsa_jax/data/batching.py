@@ -106,11 +106,11 @@ class Batches:
     run sees exactly the batches an uninterrupted one would.
 
     Example:
-      >>> it = Batches(encoded, batch_size=4, pad_id=0, buckets=(32, 64), seed=0)
-      >>> step = it.next_step(accum_steps=2)      # arrays [2, 4, L]
-      >>> saved = it.state()
-      >>> it2 = Batches(encoded, batch_size=4, pad_id=0, buckets=(32, 64), seed=0)
-      >>> it2.restore(saved)                       # it2 now continues where it is
+      >>> it = Batches(encoded, batch_size=4, pad_id=0, buckets=(32, 64), seed=0)  # doctest: +SKIP
+      >>> step = it.next_step(accum_steps=2)  # doctest: +SKIP
+      >>> saved = it.state()  # doctest: +SKIP
+      >>> it2 = Batches(encoded, batch_size=4, pad_id=0, buckets=(32, 64), seed=0)  # doctest: +SKIP
+      >>> it2.restore(saved)  # doctest: +SKIP
     """
 
     def __init__(
@@ -297,7 +297,8 @@ def reference_batches(
       ``groups[g][j]``: batch ``j`` of group ``g``, a batch dict ``[batch_size, L]``.
 
     Example:
-      >>> groups = reference_batches([assets_path("general.jsonl")], tokenizer=tok,
+      >>> sources = [assets_path("general.jsonl")]  # doctest: +SKIP
+      >>> groups = reference_batches(sources, tokenizer=tok,  # doctest: +SKIP
       ...                            batch_size=4, max_length=128, n=16)
     """
     if not sources_or_examples:

@@ -56,7 +56,8 @@ def truncate(
       ValueError: with ``"error"``, when the example is longer than ``max_length``.
 
     Example:
-      >>> enc = truncate(enc, max_length=128, truncation="left", counts=Counter(), row=0)
+      >>> enc = truncate(enc, max_length=128, truncation="left",  # doctest: +SKIP
+      ...                counts=Counter(), row=0)
     """
     n = len(encoded.ids)
     if n <= max_length:
@@ -117,7 +118,8 @@ def tokenize_sft(
       ValueError: on bad arguments, or an over-long example with ``truncation="error"``.
 
     Example:
-      >>> encoded = tokenize_sft(tok, load_sft(assets_path("general.jsonl")), max_length=64)
+      >>> rows = load_sft(assets_path("general.jsonl"))  # doctest: +SKIP
+      >>> encoded = tokenize_sft(tok, rows, max_length=64)  # doctest: +SKIP
     """
     _check_args(max_length, truncation)
     counts: collections.Counter = collections.Counter()
@@ -163,7 +165,8 @@ def tokenize_preferences(
       ValueError: on bad arguments, or an over-long side with ``truncation="error"``.
 
     Example:
-      >>> pairs = tokenize_preferences(tok, load_preferences(path), max_length=128)
+      >>> pairs = tokenize_preferences(  # doctest: +SKIP
+      ...     tok, load_preferences(path), max_length=128)
     """
     _check_args(max_length, truncation)
     counts: collections.Counter = collections.Counter()
