@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from experiments import demo, paper
-from ogpsa_jax import cli, models
+from ogpsa_jax import cli, experiment_runner, models
 from ogpsa_jax.eval import KeywordJudge, default_judge, normalise_prompt
 from ogpsa_jax.experiment import report, targets
 from ogpsa_jax.experiment.averaging import average_models, average_params
@@ -258,7 +258,7 @@ def test_check_run_and_config_errors():
 
 
 def test_experiment_forwarder_errors(tmp_path, capsys):
-    assert "demo" in cli.experiment_names(cli.experiments_dir())
+    assert "demo" in experiment_runner.experiment_names(experiment_runner.experiments_dir())
     # a bad config comes back as the experiment's own exit status, nothing run
     assert cli.main(["experiment", "demo", "--tiny", "--set", "sft_steps=zero"]) == 2
     assert "sft_steps: expected an int, got 'zero'" in capsys.readouterr().err
@@ -267,7 +267,7 @@ def test_experiment_forwarder_errors(tmp_path, capsys):
     assert cli.main(["experiment", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
     # an install without the checkout's experiments/ folder (e.g. a wheel): a clear error
-    assert cli.run_experiment(["demo"], root=tmp_path / "experiments") == 2
+    assert experiment_runner.run_experiment(["demo"], root=tmp_path / "experiments") == 2
     assert "Experiments run from a repository checkout" in capsys.readouterr().err
 
 
