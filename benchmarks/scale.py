@@ -34,8 +34,9 @@ Command (from the repository root; ``make bench-scale`` does the same)::
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py --json results/bench/scale.json
 
 Options: ``--devices 8,64``, ``--presets qwen2_5_7b_paper``, ``--stages sft``, ``--quick`` (8
-devices, Qwen only, preset remat only), ``--no-cost``, ``--append`` (keep the rows already in
-``--json``: an interrupted run continues), ``--full-at N`` (device counts up to N get every row).
+devices, Qwen only, preset remat only), ``--methods lora,flat`` (only those rows),
+``--no-cost``, ``--append`` (keep the rows already in ``--json``: an interrupted run
+continues), ``--full-at N`` (device counts up to N get every row).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--append", action="store_true", help="keep the rows already in --json")
     ap.add_argument("--full-at", type=int, default=8, help="the device count with every row")
     ap.add_argument("--table", default=None, help="print a results JSON as markdown, and exit")
+    ap.add_argument("--methods", default=None, help="only these methods, e.g. lora,flat")
     return ap.parse_args()
 
 
@@ -203,7 +205,8 @@ def grid(stages: list[str], preset_remat: str, full: bool) -> list[tuple]:
     for stage in stages:
         for method, k, dtype in refresh if stage == "refresh" else methods:
             for remat in remats:
-                if remat == preset_remat or (method, k, dtype) in varied:
+                keep = ARGS.methods is None or method in ARGS.methods.split(",")
+                if keep and (remat == preset_remat or (method, k, dtype) in varied):
                     rows.append((stage, method, k, dtype, remat))
     return rows
 
