@@ -285,3 +285,6 @@ def test_cost_model_counts_every_layer_and_micro_batch():
     assert est.flops == pytest.approx(direct.flops, rel=1e-3)
     assert est.bytes == pytest.approx(direct.bytes, rel=0.05)
     assert reported.flops < 0.6 * config.sft.accum_steps * est.flops
+    # LoRA: the frozen base is an argument of the costed programs and gets no weight gradients
+    lora = micro_batch_cost("sft", apply_overrides(config, ["model.lora.rank=4"]), mesh)
+    assert 0.3 * est.flops < lora.flops < est.flops

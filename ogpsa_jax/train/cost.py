@@ -41,7 +41,7 @@ from ogpsa_jax.train.abstract import abstract_stage, decoder_config, step_argume
 from ogpsa_jax.train.activation_refresh import make_capture_fn, rows_per_batch
 from ogpsa_jax.train.refresh import gradient_programs
 from ogpsa_jax.train.schema import TrainConfig
-from ogpsa_jax.train.sharding import rows_sharding
+from ogpsa_jax.train.sharding import jit_bound, rows_sharding
 from ogpsa_jax.train.stage import make_micro_loss
 from ogpsa_jax.train.step import add_micro_batch, apply_accumulated, zero_sums
 
@@ -130,11 +130,22 @@ def micro_batch_cost(kind: str, config: TrainConfig, mesh: Any) -> Cost:
     def build(cfg: TrainConfig, a: Any) -> Cost:
         _, (params, _, batch, ref) = step_arguments(kind, cfg, a, mesh)
         micro = jax.tree.map(_drop_leading, batch)
-        micro_loss = make_micro_loss(kind, getattr(cfg, kind), a.logps_fn)
-        abstract = jax.eval_shape(functools.partial(zero_sums, micro_loss), params, micro, ref)
+        st = getattr(cfg, kind)
+        # the model function is an argument (with LoRA it binds the frozen base weights)
+        abstract = jax.eval_shape(
+            lambda f, p, m, r: zero_sums(make_micro_loss(kind, st, f), p, m, r),
+            a.logps_fn,
+            params,
+            micro,
+            ref,
+        )
         g32 = jax.tree.map(lambda p: _sds(p, jnp.float32), params)
         carry = (g32, *abstract[1:])
-        fn = jax.jit(functools.partial(add_micro_batch, micro_loss), donate_argnums=(3,))
+        fn = jit_bound(
+            lambda f, p, m, r, c: add_micro_batch(make_micro_loss(kind, st, f), p, m, r, c),
+            a.logps_fn,
+            donate_argnums=(3,),
+        )
         return Cost.of(fn.lower(params, micro, ref, carry).compile())
 
     return _layer_scaled(build, kind, config, mesh)
@@ -146,9 +157,13 @@ def update_cost(kind: str, config: TrainConfig, mesh: Any) -> Cost:
         a = abstract_stage(kind, config, mesh)
         _, (params, opt_state, batch, ref) = step_arguments(kind, config, a, mesh)
         micro = jax.tree.map(_drop_leading, batch)
-        micro_loss = make_micro_loss(kind, getattr(config, kind), a.logps_fn)
+        st = getattr(config, kind)
         _, loss, count, aux = jax.eval_shape(
-            functools.partial(zero_sums, micro_loss), params, micro, ref
+            lambda f, p, m, r: zero_sums(make_micro_loss(kind, st, f), p, m, r),
+            a.logps_fn,
+            params,
+            micro,
+            ref,
         )
         g32 = jax.tree.map(lambda p: _sds(p, jnp.float32), params)
         fn = jax.jit(functools.partial(apply_accumulated, a.optimizer), donate_argnums=(0, 1))
