@@ -224,6 +224,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     # Checkpoints kept on disk.
     max_to_keep: int = 2
+    # Also export the model as a full HF folder ``step-N/`` in the stage folder after each of
+    # these steps of every stage (the same run evaluated along its training length; with LoRA the
+    # merged model). The last step is always exported as ``final/``.
+    export_at: tuple[int, ...] = ()
     # "skip": a non-finite step changes nothing and is counted; "stop": raise at once.
     on_nonfinite: str = "skip"
     # Stop after this many consecutive skipped steps.
@@ -408,6 +412,8 @@ def validate(config: TrainConfig, command: str, device_count: int | None) -> tup
         raise ValueError(
             f"config field 'checkpoint_every' must be >= 0, got {config.checkpoint_every}"
         )
+    if any(n < 1 for n in config.export_at):
+        raise ValueError(f"config field 'export_at' must hold steps >= 1, got {config.export_at}")
     for f in ("max_to_keep", "max_consecutive_skips"):
         if getattr(config, f) < 1:
             raise ValueError(f"config field {f!r} must be >= 1, got {getattr(config, f)}")
