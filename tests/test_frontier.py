@@ -147,7 +147,7 @@ def test_no_reference_prompt_in_any_evaluation_set():
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("frontier")
-    argv = ["--tiny", "--out", str(out), "--set", "runs=naive:sft,weight-avg:sft"]
+    argv = ["--tiny", "--out", str(out), "--set", "runs=naive:sft,weight-avg:sft,naive:sft-dpo"]
     assert main(argv) == 0
     with open(out / "results.json") as f:
         return out, json.load(f)
@@ -175,11 +175,22 @@ def test_tiny_study_results(tiny_study):
         assert all(f in r for f in fields), r["label"]
         assert 0.0 <= r["capability"] <= 1.0
         assert r["capability_ci"][0] <= r["capability"] <= r["capability_ci"][1]
-    naive = [r for r in runs if r["method"] == "naive"]
+    naive = [r for r in runs if (r["method"], r["pipeline"]) == ("naive", "sft")]
     assert sorted((r["seed"], r["knob_value"]) for r in naive) == [(0, 1), (0, 2), (1, 1), (1, 2)]
     wavg = [r for r in runs if r["method"] == "weight-avg"]
     assert sorted({r["knob_value"] for r in wavg}) == [0.5, 1.0]
-    assert set(summary) == {"naive:sft", "weight-avg:sft"}
+    assert set(summary) == {"naive:sft", "weight-avg:sft", "naive:sft-dpo"}
+    dpo = [r for r in runs if r["pipeline"] == "sft-dpo"]
+    assert sorted((r["seed"], r["knob_value"]) for r in dpo) == [
+        (s, k) for s in (0, 1) for k in (0, 1, 2)
+    ]
+    for r in (r for r in dpo if r["knob_value"] == 0):  # the SFT output, not re-evaluated
+        sft_final = next(x for x in naive if x["seed"] == r["seed"] and x["knob_value"] == 2)
+        assert (r["safety"], r["capability"], r["drift"]) == (
+            sft_final["safety"],
+            sft_final["capability"],
+            sft_final["drift"],
+        )
     assert summary["naive:sft"]["tax_vs_baseline"] == 0.0
     assert summary["naive:sft"]["seeds"] == [0, 1]
     for name in ("results.md", "frontier.png"):
@@ -189,7 +200,7 @@ def test_tiny_study_results(tiny_study):
 def test_tiny_study_points_come_from_one_run_and_seeds_differ(tiny_study):
     out, _ = tiny_study
     runs_dir = out / "cache" / "runs"
-    folders = sorted(p for p in os.listdir(runs_dir) if p.startswith("naive-sft-"))
+    folders = sorted(p for p in os.listdir(runs_dir) if p.startswith("naive-sft-seed"))
     assert len(folders) == 2  # one run per seed, each giving every point of its curve
     weights = {}
     for folder in folders:

@@ -23,7 +23,13 @@ from collections.abc import Callable
 from experiments.demo import config as demo
 
 # Trained methods (each a curve along training steps) and the knob-only method.
-METHODS = (*demo.METHODS, "ogpsa-alpaca", "ogpsa-gpm-alpaca")
+METHODS = (
+    *demo.METHODS,
+    "ogpsa-alpaca",
+    "ogpsa-gpm-alpaca",
+    "ogpsa-after",
+    "ogpsa-gpm-after",
+)
 PIPELINES = ("sft", "sft-dpo")
 WEIGHT_AVG = "weight-avg"
 
@@ -42,9 +48,14 @@ class FrontierConfig(demo.DemoConfig):
     sft_points: tuple[int, ...] = (8, 16, 24)
     # DPO steps of the SFT->DPO runs at which they are evaluated (the last must be dpo_steps).
     dpo_points: tuple[int, ...] = (4, 8, 12)
+    # Log the diagnostics: the first-order check of the reference loss on gradient bases
+    # (ogpsa.first_order), and naive / replay as OGPSA with strength 0 (the same training; their
+    # basis refreshes cost time) so that they log it and update_in_span too.
+    diagnose: bool = False
     # Methods with a "-alpaca" suffix use AlpacaEval's instructions and written answers as the
     # capability reference (load_prompt_set("alpaca_reference")) instead of the starting
-    # model's own answers to benign prompts.
+    # model's own answers to benign prompts; "-after" places the projection after AdamW
+    # (ogpsa.placement="after", Adam-NSCL).
     runs: tuple[str, ...] = tuple(
         f"{m}:{p}" for p in PIPELINES for m in (*demo.METHODS, "ogpsa-alpaca", WEIGHT_AVG)
     )

@@ -5,7 +5,8 @@
 2. The starting model evaluated once (method ``start``: the first point of every curve).
 3. Per seed (`seed_data`: that seed's SFT and DPO prompts), per trained method: its SFT stage,
    exported at every step of ``sft_points`` (one run, several points), each point evaluated;
-   for SFT->DPO, the DPO stage from that SFT output, exported at ``dpo_points``.
+   for SFT->DPO, the DPO stage from that SFT output, exported at ``dpo_points``, its curve
+   starting at the SFT output (0 DPO steps; the SFT row itself when the SFT pipeline ran).
 4. Weight averaging: start <-> the seed's naive final model at each alpha (alpha 1 is the
    naive final point itself).
 5. results.json (``runs`` and ``summary`` from ``ogpsa_jax.experiment.frontier.summarise``),
@@ -45,6 +46,7 @@ from ogpsa_jax.experiment.averaging import average_models
 from ogpsa_jax.experiment.frontier import summarise
 from ogpsa_jax.experiment.frontier_plot import frontier_markdown, plot_frontier
 from ogpsa_jax.experiment.timing import PhaseClock, load_average, machine_info
+from ogpsa_jax.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +160,39 @@ def seed_data(study: Study, seed: int) -> TrainingData:
     return write_training_data(sets, dpo, ref, os.path.join(ctx.cache_dir, f"data-seed{seed}"))
 
 
+def with_diagnostics(cfg: TrainConfig, kind: str, method: str, diagnose: bool) -> TrainConfig:
+    """A stage config with the method's placement ("-after": Adam-NSCL) and, with ``diagnose``,
+    the first-order check on gradient bases; naive and replay then run as OGPSA with strength 0
+    (the projection removes nothing) so that they log the same diagnostics.
+
+    Example:
+        >>> from ogpsa_jax.train import TrainConfig
+        >>> c = with_diagnostics(TrainConfig(), "sft", "ogpsa-after", diagnose=True)
+        >>> c.sft.ogpsa.placement, c.sft.ogpsa.first_order
+        ('after', True)
+        >>> c = with_diagnostics(TrainConfig(), "sft", "naive", diagnose=False)
+        >>> c.sft.ogpsa == TrainConfig().sft.ogpsa
+        True
+    """
+    stage = getattr(cfg, kind)
+    og = stage.ogpsa
+    if method.endswith("-after"):
+        og = dataclasses.replace(og, placement="after")
+    if diagnose and method in ("naive", "replay"):
+        og = dataclasses.replace(og, enabled=True, strength=0.0)
+    if diagnose and og.enabled and og.method != "activation" and not cfg.model.lora.rank:
+        og = dataclasses.replace(og, first_order=True)
+    return dataclasses.replace(cfg, **{kind: dataclasses.replace(stage, ogpsa=og)})
+
+
 def train_points(
     study: Study, data: TrainingData, method: str, kind: str, init_dir: str, seed: int, tag: str
 ) -> list[tuple[int, str]]:
     """Trains (or reuses) one stage and returns ``(step, model folder)`` at each curve point."""
     ctx = study.ctx
     config = dataclasses.replace(ctx.config, seed=seed)
-    basis = method.removesuffix("-alpaca")
-    reference = study.alpaca if method.endswith("-alpaca") else data.reference
+    basis = method.removesuffix("-after").removesuffix("-alpaca")
+    reference = study.alpaca if "-alpaca" in method else data.reference
     path, n_rows = data.stage_file(kind, replay=method == "replay")
     cfg = stage_train_config(
         config,
@@ -178,6 +205,7 @@ def train_points(
     )
     points = ctx.config.sft_points if kind == "sft" else ctx.config.dpo_points
     cfg = dataclasses.replace(cfg, export_at=tuple(points[:-1]))
+    cfg = with_diagnostics(cfg, kind, method, ctx.config.diagnose)
     stamp = targets.cache_key(path, *reference, init_dir, json.dumps(points))
     run_dir = os.path.join(ctx.cache_dir, "runs", f"{method}-{tag}-seed{seed}-{stamp[:8]}")
     phase = f"train {method} {tag} seed {seed}"
@@ -204,6 +232,29 @@ def method_runs(study: Study, seed: int, data: TrainingData) -> dict[str, str]:
         else:
             pts = train_points(study, data, method, "dpo", sft_done[method], seed, "sft-dpo")
             knob = "dpo_steps"
+            # the SFT output is the DPO curve's first point (0 DPO steps)
+            sft_row = next(
+                (
+                    r
+                    for r in study.rows
+                    if (r["method"], r["pipeline"], r["seed"]) == (method, "sft", seed)
+                    and r["knob_value"] == sft_pts[-1][0]
+                ),
+                None,
+            )
+            if sft_row is None:
+                pts = [(0, sft_pts[-1][1]), *pts]
+            else:
+                study.rows.append(
+                    {
+                        **sft_row,
+                        "pipeline": pipeline,
+                        "knob": knob,
+                        "knob_value": 0,
+                        "label": f"{method}:{pipeline}:s{seed}:0",
+                        "note": "0 DPO steps is the SFT output (its sft row, not re-evaluated)",
+                    }
+                )
         for step, folder in pts:
             with study.ctx.clock.phase("load"):
                 model = load_model(folder, study.ctx.config)
