@@ -216,3 +216,26 @@ def test_tiny_study_points_come_from_one_run_and_seeds_differ(tiny_study):
     assert any(not np.array_equal(a[k], b[k]) for k in a), "seeds trained the same model"
     data = [out / "cache" / f"data-seed{s}" / "sft.jsonl" for s in (0, 1)]
     assert data[0].read_text() != data[1].read_text()
+
+
+def test_merge_parts_run_apart(tiny_study, tmp_path):
+    _, result = tiny_study
+    dirs = []
+    for seed in (0, 1):
+        meta = {**result["meta"], "seeds_done": [seed]}
+        meta["settings"] = {**meta["settings"], "seeds": [seed]}
+        part = {"meta": meta, "runs": [r for r in result["runs"] if r["seed"] in (-1, seed)]}
+        d = tmp_path / f"part{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(part))
+        dirs.append(str(d))
+    assert main(["--merge", *dirs, "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["summary"] == result["summary"]
+    assert len(merged["runs"]) == len(result["runs"])
+    assert merged["meta"]["seeds_done"] == [0, 1] and len(merged["meta"]["parts"]) == 2
+    assert main(["--merge", dirs[0], dirs[0], "--out", str(tmp_path / "bad")]) == 2
+    other = json.loads((tmp_path / "part1" / "results.json").read_text())
+    other["meta"]["settings"]["sft_lr"] = 1.0
+    (tmp_path / "part1" / "results.json").write_text(json.dumps(other))
+    assert main(["--merge", *dirs, "--out", str(tmp_path / "bad")]) == 2

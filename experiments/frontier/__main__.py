@@ -2,10 +2,12 @@
 
     python -m experiments.frontier [--reduced | --tiny] [--out DIR] [--cache DIR]
         [--set FIELD=VALUE ...]
+    python -m experiments.frontier --merge PART_DIR [PART_DIR ...] --out DIR
 
 ``--set`` overrides any `FrontierConfig` field, parsed by its annotation (e.g. ``--set
 seeds=0,1 --set runs=naive:sft,ogpsa:sft``). Exit status 0 on success, 2 on a bad argument or
-config (nothing loaded or written).
+config (nothing loaded or written). ``--merge`` joins studies run apart with the same settings
+and other seeds (each PART_DIR holding a results.json) into one.
 
 Example:
     >>> main(["--tiny", "--set", "seeds=0,0"])
@@ -15,12 +17,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from experiments.frontier.config import PRESETS, validate
-from experiments.frontier.run import run_frontier
+from experiments.frontier.run import merge_results, run_frontier, write_frontier
 from ogpsa_jax.overrides import apply_overrides
 
 PROG = "python -m experiments.frontier"
@@ -43,7 +47,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", default=None, help="cache folder (default OUT/cache)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--merge", nargs="+", metavar="PART_DIR", help="merge parts into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            parts = []
+            for d in args.merge:
+                with open(os.path.join(d, "results.json"), encoding="utf-8") as f:
+                    parts.append(json.load(f))
+            paths = write_frontier(args.out, merge_results(parts))
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
+        sys.stdout.write(f"merged {len(parts)} parts: {paths}\n")
+        return 0
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format="%(asctime)s %(name)s: %(message)s",

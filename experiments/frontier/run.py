@@ -402,3 +402,59 @@ def write_frontier(out_dir: str, result: dict[str, Any]) -> dict[str, str]:
         f.write(frontier_markdown(result["runs"], result["summary"], result["meta"]))
     plot_frontier(result["runs"], paths["png"], title=result["meta"]["model"])
     return paths
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One study from parts run apart (e.g. seeds on different machines): the rows of every part
+    (one ``start`` row: the first part's), the summary recomputed, ``meta`` from the first part
+    with each part's seeds, time and load under ``meta["parts"]``.
+
+    Args:
+        parts: results.json contents of studies with the same settings but their seeds.
+
+    Returns:
+        The merged results (``meta``, ``runs``, ``summary``).
+
+    Raises:
+        ValueError: when parts differ in a setting other than the seeds, share a seed, or their
+            start rows differ (then the parts did not evaluate the same model on the same sets).
+
+    Example:
+        >>> start = {"method": "start", "pipeline": "none", "seed": -1, "knob_value": 0,
+        ...          "safety": 0.1, "capability": 0.5, "over_refusal": 0.0}
+        >>> part = lambda s: {"meta": {"settings": {"seeds": [s]}, "seeds_done": [s]},
+        ...     "runs": [start, {**start, "method": "naive", "pipeline": "sft", "seed": s,
+        ...                      "knob_value": 4, "safety": 0.9}]}
+        >>> merged = merge_results([part(0), part(1)])
+        >>> len(merged["runs"]), merged["meta"]["seeds_done"]
+        (3, [0, 1])
+    """
+    if not parts:
+        raise ValueError("merge_results: no parts")
+    settings = [{k: v for k, v in p["meta"]["settings"].items() if k != "seeds"} for p in parts]
+    if any(s != settings[0] for s in settings[1:]):
+        raise ValueError("merge_results: the parts were run with different settings")
+    starts = [next(r for r in p["runs"] if r["method"] == "start") for p in parts]
+    keys = ("safety", "capability", "over_refusal", "drift")
+    if any(any(s.get(k) != starts[0].get(k) for k in keys) for s in starts[1:]):
+        raise ValueError("merge_results: the parts' start rows differ (not the same model or sets)")
+    seeds = [s for p in parts for s in p["meta"]["seeds_done"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"merge_results: a seed is in several parts: {seeds}")
+    runs = [starts[0]] + [r for p in parts for r in p["runs"] if r["method"] != "start"]
+    meta = dict(parts[0]["meta"])
+    meta["seeds_done"] = sorted(seeds)
+    meta["parts"] = [
+        {
+            k: p["meta"].get(k)
+            for k in (
+                "seeds_done",
+                "total_seconds",
+                "total_cpu_seconds",
+                "load_average_start",
+                "load_average_end",
+            )
+        }
+        for p in parts
+    ]
+    return {"meta": meta, "runs": runs, "summary": summarise(runs)}
