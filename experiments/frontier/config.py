@@ -62,8 +62,14 @@ class FrontierConfig(demo.DemoConfig):
 
 
 def default_config() -> FrontierConfig:
-    """The full study (docs/frontier.md: grid, measured costs and projected time)."""
+    """The full study (docs/frontier.md: grid, measured costs and projected time): 3 seeds; SFT
+    with every method, SFT->DPO with naive, the paper's basis, GPM, the AlpacaEval reference and
+    weight averaging."""
+    sft = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay", "lora", "ogpsa-lora")
+    sft_dpo = ("naive", "ogpsa", "ogpsa-gpm", "ogpsa-alpaca", WEIGHT_AVG)
+    runs = tuple(f"{m}:sft" for m in (*sft, "ogpsa-alpaca", WEIGHT_AVG))
     return FrontierConfig(
+        runs=runs + tuple(f"{m}:sft-dpo" for m in sft_dpo),
         harmful=32,
         over_refusal=32,
         gsm8k=24,

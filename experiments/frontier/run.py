@@ -406,8 +406,9 @@ def write_frontier(out_dir: str, result: dict[str, Any]) -> dict[str, str]:
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One study from parts run apart (e.g. seeds on different machines): the rows of every part
-    (one ``start`` row: the first part's), the summary recomputed, ``meta`` from the first part
-    with each part's seeds, time and load under ``meta["parts"]``.
+    (one ``start`` row: the first part's), the summary recomputed (a method's ``seeds`` are those
+    of the parts that ran it), ``meta`` from the first part with each part's seeds, methods,
+    time and load under ``meta["parts"]``.
 
     Args:
         parts: results.json contents of studies with the same settings but their seeds.
@@ -416,7 +417,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         The merged results (``meta``, ``runs``, ``summary``).
 
     Raises:
-        ValueError: when parts differ in a setting other than the seeds, share a seed, or their
+        ValueError: when parts differ in a setting other than seeds and runs, share a seed, or their
             start rows differ (then the parts did not evaluate the same model on the same sets).
 
     Example:
@@ -431,7 +432,8 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """
     if not parts:
         raise ValueError("merge_results: no parts")
-    settings = [{k: v for k, v in p["meta"]["settings"].items() if k != "seeds"} for p in parts]
+    other = ("seeds", "runs")  # parts may run other seeds and a subset of the methods
+    settings = [{k: v for k, v in p["meta"]["settings"].items() if k not in other} for p in parts]
     if any(s != settings[0] for s in settings[1:]):
         raise ValueError("merge_results: the parts were run with different settings")
     starts = [next(r for r in p["runs"] if r["method"] == "start") for p in parts]
@@ -446,14 +448,17 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     meta["seeds_done"] = sorted(seeds)
     meta["parts"] = [
         {
-            k: p["meta"].get(k)
-            for k in (
-                "seeds_done",
-                "total_seconds",
-                "total_cpu_seconds",
-                "load_average_start",
-                "load_average_end",
-            )
+            "runs": p["meta"]["settings"].get("runs"),
+            **{
+                k: p["meta"].get(k)
+                for k in (
+                    "seeds_done",
+                    "total_seconds",
+                    "total_cpu_seconds",
+                    "load_average_start",
+                    "load_average_end",
+                )
+            },
         }
         for p in parts
     ]
