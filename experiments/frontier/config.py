@@ -3,7 +3,7 @@ of each curve and the reference set), its presets and its validation.
 
 Presets: `default_config` (the full study: 3 seeds, every method, SFT and SFT->DPO; planned at
 about 2 hours on an idle 2-core CPU, see docs/frontier.md), `reduced_config` (what
-results/frontier/ holds: SFT only, fewer methods, small sets) and `tiny_config` (the tiny random
+results/frontier/ holds: SFT only, fewer methods) and `tiny_config` (the tiny random
 model; seconds; used by the tests).
 
 Example:
@@ -62,35 +62,14 @@ class FrontierConfig(demo.DemoConfig):
 
 
 def default_config() -> FrontierConfig:
-    """The full study (docs/frontier.md: grid, measured costs and projected time): 3 seeds; SFT
-    with every method, SFT->DPO with naive, the paper's basis, GPM, the AlpacaEval reference and
-    weight averaging."""
+    """The full study: 3 seeds; SFT with every method, SFT->DPO with naive, the paper's basis,
+    GPM, the AlpacaEval reference and weight averaging; the set sizes and steps whose costs
+    were measured (docs/frontier.md: grid, measured costs, about 2 hours on 2 idle cores)."""
     sft = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay", "lora", "ogpsa-lora")
     sft_dpo = ("naive", "ogpsa", "ogpsa-gpm", "ogpsa-alpaca", WEIGHT_AVG)
     runs = tuple(f"{m}:sft" for m in (*sft, "ogpsa-alpaca", WEIGHT_AVG))
     return FrontierConfig(
         runs=runs + tuple(f"{m}:sft-dpo" for m in sft_dpo),
-        harmful=32,
-        over_refusal=32,
-        gsm8k=24,
-        bbq=24,
-        ifeval=12,
-        ifeval_tokens=96,
-        choice=12,
-        drift_prompts=16,
-        reference_prompts=32,
-        sft_steps=24,
-        dpo_steps=12,
-        sft_points=(8, 16, 24),
-        dpo_points=(4, 8, 12),
-    )
-
-
-def reduced_config() -> FrontierConfig:
-    """The committed results/frontier/: 3 seeds, SFT only, 4 trained methods and weight
-    averaging, small sets (about 90 minutes on the shared 2-core CPU)."""
-    return dataclasses.replace(
-        default_config(),
         seeds=(0, 1, 2),
         harmful=24,
         over_refusal=24,
@@ -100,9 +79,20 @@ def reduced_config() -> FrontierConfig:
         ifeval_tokens=64,
         choice=8,
         drift_prompts=12,
+        reference_prompts=32,
         sft_steps=16,
         sft_points=(4, 8, 16),
+        dpo_steps=12,
+        dpo_points=(4, 8, 12),
         alphas=(0.25, 0.5, 0.75),
+    )
+
+
+def reduced_config() -> FrontierConfig:
+    """What results/frontier/ was run with: the full study's sizes, SFT only, four trained
+    methods and weight averaging (results/frontier/README.md gives the seeds each part ran)."""
+    return dataclasses.replace(
+        default_config(),
         runs=("naive:sft", "ogpsa:sft", "ogpsa-alpaca:sft", "ogpsa-gpm:sft", "weight-avg:sft"),
     )
 

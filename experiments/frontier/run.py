@@ -434,8 +434,10 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("merge_results: no parts")
     other = ("seeds", "runs")  # parts may run other seeds and a subset of the methods
     settings = [{k: v for k, v in p["meta"]["settings"].items() if k not in other} for p in parts]
-    if any(s != settings[0] for s in settings[1:]):
-        raise ValueError("merge_results: the parts were run with different settings")
+    for s in settings[1:]:  # a setting one part lacks (an older version wrote it) is not compared
+        differ = [k for k in s.keys() & settings[0].keys() if s[k] != settings[0][k]]
+        if differ:
+            raise ValueError(f"merge_results: the parts were run with different {differ}")
     starts = [next(r for r in p["runs"] if r["method"] == "start") for p in parts]
     keys = ("safety", "capability", "over_refusal", "drift")
     if any(any(s.get(k) != starts[0].get(k) for k in keys) for s in starts[1:]):
