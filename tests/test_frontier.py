@@ -87,6 +87,10 @@ def test_summary_hypervolume_and_matched_safety():
     rows += [_row("replay", 0, 8, 1.0, 0.46), _row("replay", 1, 8, 1.0, 0.44)]
     r = summarise(rows)["replay:sft"]
     assert r["reached"] == 2 and r["tax_vs_baseline"] == pytest.approx(0.05)
+    assert r["compliance_at_matched"] == pytest.approx(0.5)  # 1 - over-refusal 0.5 there
+    # the final points without over-refusal: compliance 1 where naive's final safety is reached
+    rows_c = [dict(x, over_refusal=0.0) if x["knob_value"] == 8 else x for x in rows]
+    assert summarise(rows_c)["naive:sft"]["compliance_at_matched"] == pytest.approx(1.0)
     assert r["tax_vs_baseline_ci"][0] == pytest.approx(0.04)
     assert r["tax_vs_baseline_ci"][1] == pytest.approx(0.06)
     assert curves(rows, "replay", "sft")[1] == [(0.2, 0.5), (1.0, 0.44)]

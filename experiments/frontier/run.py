@@ -417,8 +417,9 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         The merged results (``meta``, ``runs``, ``summary``).
 
     Raises:
-        ValueError: when parts differ in a setting other than seeds and runs, share a seed, or their
-            start rows differ (then the parts did not evaluate the same model on the same sets).
+        ValueError: when parts differ in a setting other than seeds and runs, share a point
+            (method, pipeline, seed, knob value), or their start rows differ (then the parts did
+            not evaluate the same model on the same sets).
 
     Example:
         >>> start = {"method": "start", "pipeline": "none", "seed": -1, "knob_value": 0,
@@ -442,12 +443,14 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("safety", "capability", "over_refusal", "drift")
     if any(any(s.get(k) != starts[0].get(k) for k in keys) for s in starts[1:]):
         raise ValueError("merge_results: the parts' start rows differ (not the same model or sets)")
-    seeds = [s for p in parts for s in p["meta"]["seeds_done"]]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"merge_results: a seed is in several parts: {seeds}")
     runs = [starts[0]] + [r for p in parts for r in p["runs"] if r["method"] != "start"]
+    points = [(r["method"], r["pipeline"], r["seed"], r["knob_value"]) for r in runs]
+    twice = sorted({p for p in points if points.count(p) > 1})
+    if twice:
+        raise ValueError(f"merge_results: points in several parts, e.g. {twice[0]}")
+    seeds = sorted({s for p in parts for s in p["meta"]["seeds_done"]})
     meta = dict(parts[0]["meta"])
-    meta["seeds_done"] = sorted(seeds)
+    meta["seeds_done"] = seeds
     meta["parts"] = [
         {
             "runs": p["meta"]["settings"].get("runs"),

@@ -170,8 +170,9 @@ def summarise(
         ``hypervolume_per_seed``, ``hypervolume_compliance`` (the same in (safety, 1 -
         over-refusal)), ``matched_safety`` (mean over seeds), ``capability_at_matched`` (mean
         over the seeds that reach it), its ``_ci``, ``tax_vs_baseline`` (method - baseline,
-        paired by seed) and its ``_ci``, ``reached`` (seeds whose curve reaches the matched
-        safety) and ``seeds``.
+        paired by seed) and its ``_ci``, ``compliance_at_matched`` (1 - over-refusal where the
+        curve reaches the matched safety) and its ``_ci``, ``reached`` (seeds whose curve reaches
+        the matched safety) and ``seeds``.
 
     Example:
         >>> rows = [{"method": "start", "pipeline": "none", "seed": 0, "knob_value": 0,
@@ -197,12 +198,15 @@ def summarise(
         base = curves(rows, baseline, pipeline) if (baseline, pipeline) in keys else {}
         hv = [hypervolume(c[1:], ref) for c in cap.values()]
         hv_c = [hypervolume(c[1:], ref_c) for c in comp.values()]
-        matched, at, tax = [], [], []
+        matched, at, tax, comp_at = [], [], [], []
         for s, curve in cap.items():
             if s not in base:
                 continue
             target = base[s][-1][0]
             matched.append(target)
+            compliance = capability_at(comp[s], target)  # 1 - over-refusal there
+            if compliance is not None:
+                comp_at.append(compliance)
             value = capability_at(curve, target)
             base_value = capability_at(base[s], target)
             if value is not None and base_value is not None:
@@ -222,6 +226,8 @@ def summarise(
             "capability_at_matched_ci": seed_interval(at),
             "tax_vs_baseline": _mean(tax),
             "tax_vs_baseline_ci": seed_interval(tax),
+            "compliance_at_matched": _mean(comp_at),
+            "compliance_at_matched_ci": seed_interval(comp_at),
             "reached": len(at),
         }
     return summary

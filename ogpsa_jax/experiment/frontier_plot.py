@@ -142,8 +142,9 @@ def frontier_markdown(
         lines += [f"Summary: {meta['summary_note']}.", ""]
     lines += [
         "| method | pipeline | seeds | hypervolume | hypervolume (1 - over-refusal) | matched "
-        "safety | capability at matched safety | minus naive (paired by seed) | reached |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "safety | capability at matched safety | minus naive (paired by seed) | 1 - over-refusal "
+        "at matched safety | reached |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summary.values():
         lines.append(
@@ -153,6 +154,7 @@ def frontier_markdown(
             f"{_ci(s['matched_safety'], None)} | "
             f"{_ci(s['capability_at_matched'], s['capability_at_matched_ci'])} | "
             f"{_ci(s['tax_vs_baseline'], s['tax_vs_baseline_ci'])} | "
+            f"{_ci(s.get('compliance_at_matched'), s.get('compliance_at_matched_ci'))} | "
             f"{s['reached']}/{len(s['seeds'])} |"
         )
     lines += [
