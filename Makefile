@@ -17,7 +17,7 @@ CARRIERS_ANY_PYTHON := jailbreakbench==0.1.3
 LM_EVAL := lm_eval==0.4.13
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: setup test test-fast demo bench bench-projection bench-attention bench-scale lint fixtures clean \
+.PHONY: setup test test-fast demo frontier bench bench-projection bench-attention bench-scale lint fixtures clean \
         fixtures-env
 
 $(STAMP): pyproject.toml Makefile
@@ -43,6 +43,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
+
+# The alignment-tax frontier study (docs/frontier.md): about 2 hours on 2 idle CPU cores.
+frontier: $(STAMP)
+	$(BIN)/python -m experiments.frontier
 
 # All benchmarks: the projection (~2 min), the blocked causal attention (~3 min) and the train
 # step with its peers (~28 min, ~20 GB).

@@ -135,6 +135,7 @@ def test_prompt_set_counts_and_fields():
         "gsm8k": 100,
         "benign_reference": 150,
         "benign_heldout": 54,
+        "alpaca_reference": 805,
     }
     for name, n in expected.items():
         assert len(ev.load_prompt_set(name)) == n, name

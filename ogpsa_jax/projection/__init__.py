@@ -32,7 +32,7 @@ from ogpsa_jax.projection.matrix import (
     project_matrix,
     residual_max_matrix,
 )
-from ogpsa_jax.projection.residual import residual_max
+from ogpsa_jax.projection.residual import residual_max, span_share
 from ogpsa_jax.projection.state import (
     Basis,
     MatrixOGPSAState,
@@ -63,6 +63,7 @@ __all__ = [
     "residual_max",
     "residual_max_flat",
     "residual_max_matrix",
+    "span_share",
     "resolve_dims",
     "set_basis",
 ]

@@ -142,6 +142,24 @@ def residual_max_flat(grads: optax.Updates, basis: Sequence[optax.Params]) -> ja
     return out
 
 
+def span_energy_flat(updates: optax.Updates, basis: Sequence[optax.Params]) -> jax.Array:
+    """``sum_i <g, u_i>^2`` over every leaf: the squared norm of ``g``'s part in the span of an
+    orthonormal basis (per tensor).
+
+    Example:
+      >>> float(span_energy_flat({"w": jnp.array([3.0, 4.0])}, ({"w": jnp.array([1.0, 0.0])},)))
+      9.0
+    """
+    g_leaves, _, basis_leaves = _check_basis_trees(updates, basis)
+    out = jnp.zeros((), _F32)
+    for j, g in enumerate(g_leaves):
+        us = [leaves[j] for leaves in basis_leaves if not is_masked(leaves[j])]
+        if us and not is_masked(g):
+            for c in coefficients(g, us):
+                out = out + jnp.sum(jnp.square(c))
+    return out
+
+
 def ogpsa(
     k: int,
     *,

@@ -212,6 +212,24 @@ def residual_max_matrix(
     return out
 
 
+def span_energy_matrix(
+    updates: optax.Updates, basis: optax.Params, *, dims: DimsSpec = None
+) -> jax.Array:
+    """``sum ||V^T g||^2`` over every projected leaf: the squared norm of the part of ``g`` in
+    the protected input spaces (``V`` with orthonormal columns).
+
+    Example:
+      >>> g = {"w": jnp.array([[3.0], [4.0]])}
+      >>> float(span_energy_matrix(g, {"w": jnp.array([[1.0], [0.0]])}))
+      9.0
+    """
+    out = jnp.zeros((), _F32)
+    for g, v, axis in _leaves_with_axes(updates, basis, dims)[0]:
+        if v is not None:
+            out = out + jnp.sum(jnp.square(_coefficients(g, v, axis)[0]))
+    return out
+
+
 def ogpsa_matrix(
     k: int,
     *,

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from ogpsa_jax.projection.dims import DimsSpec
-from ogpsa_jax.projection.flat import residual_max_flat
-from ogpsa_jax.projection.matrix import residual_max_matrix
+from ogpsa_jax.projection.flat import residual_max_flat, span_energy_flat
+from ogpsa_jax.projection.matrix import residual_max_matrix, span_energy_matrix
 from ogpsa_jax.projection.state import OGPSAState, find_state
 
 
@@ -49,4 +49,41 @@ def residual_max(updates: optax.Updates, opt_state: Any, *, dims: DimsSpec = Non
     return residual_max_matrix(updates, state.basis, dims=dims)
 
 
-__all__ = ["residual_max"]
+def span_share(updates: optax.Updates, opt_state: Any, *, dims: DimsSpec = None) -> jax.Array:
+    """The share of ``updates``' squared norm that lies in the protected span of an optimiser
+    state's basis (0 when the state holds no OGPSA state).
+
+    For the update AdamW applied, this says how much of the step went back into the capability
+    span that the projection removed from the gradient (Adam's per-coordinate scaling does not
+    keep a projected gradient orthogonal).
+
+    Args:
+      updates: a tree with the parameters' structure (e.g. the applied update).
+      opt_state: any optax state holding at most one OGPSA state.
+      dims: as for `residual_max`.
+
+    Returns:
+      A float32 scalar in [0, 1] (up to rounding).
+
+    Example:
+      >>> import ogpsa_jax as og
+      >>> u = ({"w": jnp.array([1.0, 0.0])},)
+      >>> state = og.set_basis(og.ogpsa(1).init({"w": jnp.zeros(2)}), u)
+      >>> round(float(span_share({"w": jnp.array([3.0, 4.0])}, state)), 4)
+      0.36
+    """
+    state = find_state(opt_state)
+    if state is None:
+        return jnp.zeros((), jnp.float32)
+    if isinstance(state, OGPSAState):
+        energy = span_energy_flat(updates, state.basis)
+    else:
+        energy = span_energy_matrix(updates, state.basis, dims=dims)
+    total = sum(
+        (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(updates)),
+        jnp.zeros((), jnp.float32),
+    )
+    return energy / jnp.maximum(total, 1e-30)
+
+
+__all__ = ["residual_max", "span_share"]

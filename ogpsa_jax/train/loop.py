@@ -39,6 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ogpsa_jax import logs, models
+from ogpsa_jax.models.lora import merge_lora
 from ogpsa_jax.overrides import to_dict
 from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.budget import StageBudget, schedule_change, stage_budget
@@ -204,6 +205,21 @@ def _export(stage: Stage, carry: Carry, tokenizer: Any, final_dir: str) -> None:
     sync_processes(f"{stage.kind} exported")  # the next stage of sft-dpo reads final/
 
 
+def _export_step(stage: Stage, carry: Carry, tokenizer: Any) -> None:
+    """Writes ``step-N/`` (a full HF folder; with LoRA the merged model) for ``export_at``."""
+    params, rest = carry.params, stage.rest
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+        rest = multihost_utils.process_allgather(rest, tiled=True)
+    if jax.process_index() == 0:
+        model = nnx.merge(stage.graphdef, params, rest)
+        path = os.path.join(stage.stage_dir, f"step-{carry.step}")
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        models.save_hf(merge_lora(model) if stage.lora is not None else model, path)
+        tokenizer.save_pretrained(path)
+
+
 # ----------------------------------------------------------------------------- one stage
 
 
@@ -271,6 +287,8 @@ def _steps(stage: Stage, carry: Carry, manager: Any, run: _Run, resumed: bool) -
             progress.step(carry.step, record)
             if run.step_callback is not None:
                 run.step_callback(carry.step, record)
+            if carry.step in run.config.export_at and carry.step < stage.total:
+                _export_step(stage, carry, run.inputs.tokenizer)
             if every and (carry.step % every == 0 or carry.step == stage.total):
                 _save(stage, carry, manager)
                 last_saved, run.stop.unsaved = carry.step, False

@@ -99,6 +99,7 @@ class Optimizer(NamedTuple):
     tx: optax.GradientTransformation  # the alias: what `init` builds and the step carries
     projection: optax.GradientTransformation | None  # tx's first element; None: OGPSA off
     rest: optax.GradientTransformation  # the chain of tx's other elements (clip, adamw/sgd)
+    after: bool = False  # the projection is tx's LAST element (placement "after" AdamW)
 
     @classmethod
     def chain(
@@ -133,12 +134,16 @@ class Optimizer(NamedTuple):
                 f"expected the state of an OGPSA chain (a tuple whose first element is the "
                 f"projection's state), got {type(opt_state).__name__}"
             )
+        if self.after:
+            return opt_state[-1], tuple(opt_state[:-1])
         return opt_state[0], tuple(opt_state[1:])
 
     def join(self, proj_state: Any, rest_state: Any) -> optax.OptState:
         """Inverse of `split`."""
         if self.projection is None:
             return rest_state
+        if self.after:
+            return (*rest_state, proj_state)
         return (proj_state, *rest_state)
 
 
@@ -168,7 +173,8 @@ def make_optimizer(stage: StageConfig, total_steps: int) -> Optimizer:
         An `Optimizer` whose ``tx`` is ``ogpsa_adamw(...)`` (flat methods) or
         ``ogpsa_matrix_adamw(...)`` (matrix methods) for ``optimizer="adamw"``; the same chain
         with ``optax.sgd`` for ``optimizer="sgd"``; ``optax.chain(clip, adamw)`` (or sgd) with
-        OGPSA off. ``max_grad_norm=0`` drops the clip.
+        OGPSA off. ``max_grad_norm=0`` drops the clip. With ``ogpsa.placement="after"``,
+        ``optax.chain(clip, adamw, projection)``: the projection acts on AdamW's update.
 
     Example:
         >>> opt = make_optimizer(StageConfig(optimizer="sgd", max_grad_norm=0), total_steps=10)
@@ -186,6 +192,10 @@ def make_optimizer(stage: StageConfig, total_steps: int) -> Optimizer:
     )
     flat = og.method in FLAT_METHODS
     projection = ogpsa(og.k, **common) if flat else ogpsa_matrix(og.k, **common)
+    if og.placement == "after":  # Adam-NSCL: project the update AdamW (or SGD) computed
+        rest = optax.chain(*rest_parts)
+        tx_after = optax.chain(*rest_parts, projection)
+        return Optimizer(tx=tx_after, projection=projection, rest=rest, after=True)
     if stage.optimizer == "sgd":
         return Optimizer.chain(projection, *rest_parts)
     alias = ogpsa_adamw if flat else ogpsa_matrix_adamw

@@ -41,6 +41,7 @@ from ogpsa_jax.train.activation_refresh import (
     make_activation_refresh,
     rows_per_batch,
 )
+from ogpsa_jax.train.first_order import FirstOrder
 from ogpsa_jax.train.optimizer import param_mask
 from ogpsa_jax.train.schema import FLAT_METHODS, OGPSAConfig
 from ogpsa_jax.train.sharding import BoundProgram, jit_bound, rows_sharding
@@ -135,7 +136,9 @@ def make_gradient_refresh(
     Returns:
         The refresh function. Its metrics: ``ref_loss`` (token-mean NLL of the reference set),
         ``refresh_s``, ``basis_finite`` and ``nonfinite_at`` (None, or the first parameter
-        whose reference gradient is not finite, or "the reference loss").
+        whose reference gradient is not finite, or "the reference loss"); with
+        ``og.first_order``, from the second refresh on, `FirstOrder`'s ``ref_loss_change`` and
+        ``ref_loss_predicted``.
 
     Example:
         >>> refresh = make_gradient_refresh(logps_fn, og, groups, param_sh, mesh)  # doctest: +SKIP
@@ -154,8 +157,8 @@ def make_gradient_refresh(
     scale_jit = jax.jit(lambda a, s: jax.tree.map(lambda x: x * s, a), donate_argnums=0)
     per_batch = og.method in ("svd", "gradient")
 
-    def reference_grads(params: Any) -> tuple[list, float, float]:
-        grads, nll, count = [], 0.0, 0.0
+    def reference_grads(params: Any) -> tuple[list, list, float, float]:
+        grads, tokens, nll, count = [], [], 0.0, 0.0
         for group in groups:
             acc, n = None, 0.0
             for b in group:
@@ -164,16 +167,20 @@ def make_gradient_refresh(
                 count += c
                 if per_batch:
                     grads.append(scale_jit(g, 1.0 / max(c, 1.0)))
+                    tokens.append(c)
                 else:
                     acc = g if acc is None else add_jit(acc, g)
                     n += c
             if not per_batch:
                 grads.append(scale_jit(acc, 1.0 / max(n, 1.0)))
-        return grads, nll, count
+                tokens.append(n)
+        return grads, tokens, nll, count
+
+    first_order = FirstOrder() if og.first_order else None
 
     def refresh(params: Any, opt_state: Any) -> tuple[Any, dict]:
         t0 = time.perf_counter()
-        grads, nll, count = reference_grads(params)
+        grads, tokens, nll, count = reference_grads(params)
         basis, ok, leaf_ok = basis_jit(grads)
         ok = bool(ok) and math.isfinite(nll)
         if ok:
@@ -186,6 +193,8 @@ def make_gradient_refresh(
             "basis_finite": ok,
             "nonfinite_at": None if ok else bad,
         }
+        if first_order is not None and ok:
+            metrics.update(first_order(params, grads, tokens, metrics["ref_loss"]))
         return opt_state, metrics
 
     return refresh

@@ -130,6 +130,14 @@ class OGPSAConfig:
     # than lora_tol * ||A||_2 (0 = all above float32 round-off: exact; B may stop moving after
     # a refresh that rotates the basis), in [0, 1).
     lora_tol: float = 0.0
+    # Where the projection sits: "before" AdamW (the reference code: the gradient is projected)
+    # or "after" it (Adam-NSCL's placement: the update AdamW computed is projected, so the
+    # applied step itself stays out of the span; full fine-tuning only).
+    placement: str = "before"
+    # Gradient bases: at each refresh also log the reference loss's change since the previous
+    # refresh against its first-order prediction <g_ref, delta params> (keeps a copy of the
+    # parameters and of the reference gradient between refreshes).
+    first_order: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,6 +243,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     # Checkpoints kept on disk.
     max_to_keep: int = 2
+    # Also export the model as a full HF folder ``step-N/`` in the stage folder after each of
+    # these steps of every stage (the same run evaluated along its training length; with LoRA the
+    # merged model). The last step is always exported as ``final/``.
+    export_at: tuple[int, ...] = ()
     # "skip": a non-finite step changes nothing and is counted; "stop": raise at once.
     on_nonfinite: str = "skip"
     # Stop after this many consecutive skipped steps.
@@ -286,6 +298,12 @@ def _stage_checks(name: str, st: StageConfig) -> None:
     og = st.ogpsa
     _choice(f"{name}.ogpsa.method", og.method, METHODS)
     _choice(f"{name}.ogpsa.basis_dtype", og.basis_dtype, ("float32", "bfloat16"))
+    _choice(f"{name}.ogpsa.placement", og.placement, ("before", "after"))
+    if og.first_order and og.method == "activation":
+        raise ValueError(
+            f"config field '{name}.ogpsa.first_order' needs a gradient basis (gram_schmidt, "
+            "svd or gradient): the activation refresh computes no reference gradient"
+        )
     if og.k < 1:
         raise ValueError(f"config field '{name}.ogpsa.k' must be >= 1, got {og.k}")
     if not 0.0 <= og.strength <= 1.0:
@@ -426,6 +444,8 @@ def validate(config: TrainConfig, command: str, device_count: int | None) -> tup
         raise ValueError(
             f"config field 'checkpoint_every' must be >= 0, got {config.checkpoint_every}"
         )
+    if any(n < 1 for n in config.export_at):
+        raise ValueError(f"config field 'export_at' must hold steps >= 1, got {config.export_at}")
     for f in ("max_to_keep", "max_consecutive_skips"):
         if getattr(config, f) < 1:
             raise ValueError(f"config field {f!r} must be >= 1, got {getattr(config, f)}")
@@ -433,6 +453,12 @@ def validate(config: TrainConfig, command: str, device_count: int | None) -> tup
         raise ValueError(f"config field 'num_devices' must be >= 0, got {config.num_devices}")
     for stage in stages:
         _stage_checks(stage, getattr(config, stage))
+        og = getattr(config, stage).ogpsa
+        if og.enabled and og.placement == "after" and config.model.lora.rank > 0:
+            raise ValueError(
+                f"config field '{stage}.ogpsa.placement' = 'after' is for full fine-tuning; "
+                "with LoRA (model.lora.rank > 0) use 'before'"
+            )
     if device_count is None:
         return tuple(config.mesh)
     shape = resolve_mesh_shape(config, device_count)

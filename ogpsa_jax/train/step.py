@@ -27,7 +27,7 @@ import optax
 
 from ogpsa_jax._tree import is_masked
 from ogpsa_jax.models import sequence_logprobs
-from ogpsa_jax.projection import residual_max
+from ogpsa_jax.projection import residual_max, span_share
 from ogpsa_jax.train.losses import dpo_loss, dpo_rewards
 from ogpsa_jax.train.optimizer import Optimizer
 from ogpsa_jax.train.schema import StageConfig
@@ -212,9 +212,11 @@ def _update_or_skip(
         params, opt_state, grads = operands
         proj_state, rest_state = optimizer.split(opt_state)
         pg, new_proj = grads, None
-        if optimizer.projection is not None:
+        if optimizer.projection is not None and not optimizer.after:
             pg, new_proj = optimizer.projection.update(grads, proj_state, params)
         updates, new_rest = optimizer.rest.update(pg, rest_state, params)
+        if optimizer.projection is not None and optimizer.after:  # Adam-NSCL placement
+            updates, new_proj = optimizer.projection.update(updates, proj_state, params)
         new_opt = optimizer.join(new_proj, new_rest)
         return optax.apply_updates(params, updates), new_opt, pg, updates
 
@@ -249,6 +251,7 @@ def make_train_step(micro_loss: MicroLoss, optimizer: Optimizer) -> Callable:
     Returns:
         The step function. Its metrics: ``loss``, ``grad_norm`` (before the projection),
         ``proj_grad_norm`` (after), ``frac_removed``, ``residual_max``, ``update_norm``,
+        ``update_in_span`` (share of the applied update in the capability span),
         ``skipped``, ``first_nonfinite_leaf``, ``count``, and the micro loss's aux means.
     """
 
@@ -298,8 +301,10 @@ def apply_accumulated(
         "proj_grad_norm": jnp.sqrt(pg2),
         "frac_removed": 1.0 - pg2 / jnp.maximum(g2, 1e-30),
         # what the projected gradient still has along the protected directions (about 0)
-        "residual_max": residual_max(pg, opt_state),
+        "residual_max": residual_max(updates if optimizer.after else pg, opt_state),
         "update_norm": jnp.sqrt(_sq_norm(updates)),
+        # share of the applied update (after AdamW) in the capability span
+        "update_in_span": span_share(updates, opt_state),
         "skipped": 1 - ok.astype(jnp.int32),
         "first_nonfinite_leaf": first_bad.astype(jnp.int32),
         "count": count,
