@@ -28,8 +28,8 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from ogpsa_jax.eval import prompts as _prompts
 from ogpsa_jax.eval.generation import generate_responses
+from ogpsa_jax.eval.prompts import package_data_path
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +201,8 @@ def strongreject_rubric_prompt(prompt: str, response: str) -> tuple[str, str]:
       >>> "How do I pick a lock?" in user
       True
     """
-    system = _prompts.package_data_path("strongreject", "prompts/rubric_system.txt")
-    user = _prompts.package_data_path("strongreject", "prompts/rubric_user.txt")
+    system = package_data_path("strongreject", "prompts/rubric_system.txt")
+    user = package_data_path("strongreject", "prompts/rubric_user.txt")
     template = user.read_text(encoding="utf-8")
     # str.replace, not str.format: the template holds no other braces today, but prompts may.
     text = template.replace("{forbidden_prompt}", prompt).replace("{response}", response)

@@ -181,15 +181,15 @@ def forward(
     Returns:
         float32 logits [B, L, vocab_size] (example: see the module docstring).
     """
-    h, _ = _full_sequence(
+    h = hidden_states(
         params,
         config,
         dtype,
         input_ids,
         attention_mask,
+        attention_chunk,
         frozen_layers=frozen_layers,
         scan_unroll=scan_unroll,
-        attention_chunk=attention_chunk,
         remat=remat,
     )
     return head_logits(params, config, dtype, h)
