@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 from typing import Any
 
 import jax
@@ -85,6 +87,35 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int) -> ocp.Check
         max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
     )
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def close_manager(manager: ocp.CheckpointManager, *, timeout_s: float = 30.0) -> None:
+    """Closes ``manager``, then waits (at most ``timeout_s``) for orbax's writer threads.
+
+    A save cut short by a second Ctrl-C can leave orbax's background threads (e.g. the
+    metadata writer that follows the array commits) started but not yet run when
+    `CheckpointManager.close` returns. Left to the interpreter's exit, they fail ("cannot
+    schedule new futures after shutdown") and print a traceback under the run's last line;
+    waited for here, while the process is whole, they finish quietly. The cut checkpoint stays
+    uncommitted either way (its temporary folder is never renamed), so `open_manager` removes
+    it at the next start.
+
+    Args:
+        manager: from `open_manager`.
+        timeout_s: the longest wait for the writer threads; what still runs after it is left
+            to the interpreter.
+    """
+    manager.close()
+    deadline = time.monotonic() + timeout_s
+    # threading.enumerate() lists threads from `start()` (even before they first run) until
+    # they end; orbax's own `join` would return at once for one not yet running.
+    while any(
+        type(t).__module__.startswith("orbax.") and not t.daemon for t in threading.enumerate()
+    ):
+        if time.monotonic() > deadline:
+            logger.debug("orbax writer threads still running after %.0f s", timeout_s)
+            return
+        time.sleep(0.01)
 
 
 def shapes_of(params: Any) -> dict[str, list[int]]:

@@ -340,7 +340,7 @@ def _run_stage(
         _note_budget_change(stage, carry, meta if meta and "total" in meta else done, run)
         finished = _steps(stage, carry, manager, run, resumed=meta is not None)
     finally:
-        manager.close()
+        ckpt.close_manager(manager)
     if not finished:
         return dataclasses.replace(preempted, step=carry.step, stopped_by=run.stop.signal)
     _all_skipped(kind, carry)
