@@ -136,7 +136,8 @@ from ogpsa_jax import models  # noqa: E402
 from ogpsa_jax.train import apply_overrides, preset  # noqa: E402
 from ogpsa_jax.train.cost import HARDWARE, micro_batch_cost, refresh_cost, update_cost  # noqa: E402
 from ogpsa_jax.train.plan import DEVICE_MEMORY, HEADROOM, plan_stage  # noqa: E402
-from ogpsa_jax.train.schema import TrainConfig, validate  # noqa: E402
+from ogpsa_jax.train.schema import TrainConfig  # noqa: E402
+from ogpsa_jax.train.validation import validate  # noqa: E402
 
 
 def lora_overrides(stage: str, rank: int) -> list[str]:

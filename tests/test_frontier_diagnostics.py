@@ -19,7 +19,7 @@ from ogpsa_jax.train import preset, train
 from ogpsa_jax.train.first_order import FirstOrder
 from ogpsa_jax.train.metrics import read_metrics
 from ogpsa_jax.train.optimizer import make_optimizer
-from ogpsa_jax.train.schema import validate
+from ogpsa_jax.train.validation import validate
 
 
 def _cfg(*extra):

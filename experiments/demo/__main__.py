@@ -14,16 +14,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from experiments.demo.config import PRESETS, validate
 from experiments.demo.run import run_demo
+from ogpsa_jax.experiment.entry import configured, experiment_parser
 from ogpsa_jax.experiment.report import run_label
-from ogpsa_jax.overrides import apply_overrides
 
 PROG = "python -m experiments.demo"
 
@@ -54,27 +52,6 @@ def summary(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="The alignment-tax demo: SmolLM2-135M safety-tuned with and without OGPSA.",
-    )
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="the whole grid (GPU/TPU host)")
-    size.add_argument("--tiny", action="store_true", help="tiny random model (seconds; tests)")
-    parser.add_argument("--out", default="results/demo", help="output folder")
-    parser.add_argument("--cache", default=None, help="cache folder (default OUT/cache)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a DemoConfig field, e.g. --set sft_steps=40 --set runs=naive:sft",
-    )
-    parser.add_argument("--log-level", default="INFO")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the demo from command-line arguments; returns the exit status.
 
@@ -84,19 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 on a bad argument or config.
     """
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(name)s: %(message)s",
-        force=True,  # absl (imported through orbax) installs a root handler first
+    parser = experiment_parser(
+        PROG,
+        "The alignment-tax demo: SmolLM2-135M safety-tuned with and without OGPSA.",
+        sizes={
+            "full": "the whole grid (GPU/TPU host)",
+            "tiny": "tiny random model (seconds; tests)",
+        },
+        out="results/demo",
+        set_help="override a DemoConfig field, e.g. --set sft_steps=40 --set runs=naive:sft",
     )
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint detail
-    config = PRESETS["full" if args.full else "tiny" if args.tiny else "default"]()
-    try:
-        config = apply_overrides(config, args.set)
-        validate(config)
-    except ValueError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
+    args = parser.parse_args(argv)
+    config = configured(args, PRESETS, validate, PROG)
+    if config is None:
         return 2
     result = run_demo(config, args.out, args.cache)
     sys.stdout.write(summary(result) + "\n")

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax.numpy as jnp
@@ -44,8 +43,9 @@ from ogpsa_jax.data import assets_path, pad_token_id
 from ogpsa_jax.experiment import report, targets
 from ogpsa_jax.experiment.averaging import average_models
 from ogpsa_jax.experiment.compare import demo_pairs, paired_comparisons
+from ogpsa_jax.experiment.entry import output_dirs
 from ogpsa_jax.experiment.report import write_results
-from ogpsa_jax.experiment.timing import PhaseClock, load_average, machine_info
+from ogpsa_jax.experiment.timing import PhaseClock
 from ogpsa_jax.models.gguf import smollm2_path
 
 logger = logging.getLogger(__name__)
@@ -264,9 +264,7 @@ def weight_averaging_runs(ctx: Context, finals: dict[str, str], bar: Any) -> str
 # ----------------------------------------------------------------------------- the demo
 
 
-def results_meta(
-    ctx: Context, stages: Stages, tuned_spec: str | None, started: dict[str, Any]
-) -> dict[str, Any]:
+def results_meta(ctx: Context, stages: Stages, tuned_spec: str | None) -> dict[str, Any]:
     """results.json's ``meta``: what ran, on which data and machine, and where the time went."""
     config = ctx.config
     return {
@@ -295,12 +293,7 @@ def results_meta(
         "weight_averaging": f"start <-> {tuned_spec}, alphas {list(config.alphas)}; steps = the "
         "tuned model's, seconds = 0 (evaluations only)",
         "settings": dataclasses.asdict(config),
-        "machine": machine_info(),
-        "load_average_start": started["load"],
-        "load_average_end": load_average(),
-        "total_seconds": time.perf_counter() - started["wall"],
-        "total_cpu_seconds": time.process_time() - started["cpu"],
-        "timings": ctx.clock.table(),
+        **ctx.clock.run_record(),
         "timings_note": "per phase: wall_s, cpu_s (user+sys of the demo process), compile_s and "
         "compiles (XLA backend compiles); stage_breakdown splits each training phase into the "
         "first step (includes compiling the step), the other steps and the basis refreshes, "
@@ -326,11 +319,8 @@ def run_demo(
         ``{"meta": ..., "runs": [...], "paths": {...}}``.
     """
     validate(config)
-    out_dir = os.fspath(out_dir)
-    cache_dir = os.fspath(cache_dir) if cache_dir is not None else os.path.join(out_dir, "cache")
+    out_dir, cache_dir = output_dirs(out_dir, cache_dir)
     with PhaseClock() as clock:
-        started = {"wall": time.perf_counter(), "cpu": time.process_time(), "load": load_average()}
-        os.makedirs(cache_dir, exist_ok=True)
         ctx = prepare(config, cache_dir, clock)
         bar = tqdm(total=1 + len(config.runs) + len(config.alphas), desc="demo runs")
         evaluate_run(ctx, "start", "none", ctx.start, 0, 0.0)
@@ -339,7 +329,7 @@ def run_demo(
         finals = train_runs(ctx, stages, bar)
         tuned_spec = weight_averaging_runs(ctx, finals, bar)
         bar.close()
-        meta = results_meta(ctx, stages, tuned_spec, started)
+        meta = results_meta(ctx, stages, tuned_spec)
         with clock.phase("write results"):
             paths = write_results(out_dir, ctx.runs, meta)
     with open(os.path.join(cache_dir, "responses.json"), "w", encoding="utf-8") as f:

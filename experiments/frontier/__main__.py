@@ -16,16 +16,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from experiments.frontier.config import PRESETS, validate
 from experiments.frontier.run import merge_results, run_frontier, write_frontier
-from ogpsa_jax.overrides import apply_overrides
+from ogpsa_jax.experiment.entry import configured, experiment_parser
 
 PROG = "python -m experiments.frontier"
 
@@ -39,14 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 on a bad argument or config.
     """
-    parser = argparse.ArgumentParser(prog=PROG, description="The alignment-tax frontier study.")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--reduced", action="store_true", help="what results/frontier/ holds")
-    size.add_argument("--tiny", action="store_true", help="tiny random model (seconds; tests)")
-    parser.add_argument("--out", default="results/frontier", help="output folder")
-    parser.add_argument("--cache", default=None, help="cache folder (default OUT/cache)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--log-level", default="INFO")
+    parser = experiment_parser(
+        PROG,
+        "The alignment-tax frontier study.",
+        sizes={
+            "reduced": "what results/frontier/ holds",
+            "tiny": "tiny random model (seconds; tests)",
+        },
+        out="results/frontier",
+    )
     parser.add_argument("--merge", nargs="+", metavar="PART_DIR", help="merge parts into --out")
     args = parser.parse_args(argv)
     if args.merge:
@@ -61,18 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         sys.stdout.write(f"merged {len(parts)} parts: {paths}\n")
         return 0
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(name)s: %(message)s",
-        force=True,
-    )
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    config = PRESETS["reduced" if args.reduced else "tiny" if args.tiny else "default"]()
-    try:
-        config = apply_overrides(config, args.set)
-        validate(config)
-    except ValueError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
+    config = configured(args, PRESETS, validate, PROG)
+    if config is None:
         return 2
     result = run_frontier(config, args.out, args.cache)
     for key, s in result["summary"].items():

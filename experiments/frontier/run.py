@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -43,9 +42,10 @@ from ogpsa_jax import eval as ev
 from ogpsa_jax.eval.stats import mean_of_rates_interval
 from ogpsa_jax.experiment import targets
 from ogpsa_jax.experiment.averaging import average_models
+from ogpsa_jax.experiment.entry import output_dirs
 from ogpsa_jax.experiment.frontier import summarise
 from ogpsa_jax.experiment.frontier_plot import frontier_markdown, plot_frontier
-from ogpsa_jax.experiment.timing import PhaseClock, load_average, machine_info
+from ogpsa_jax.experiment.timing import PhaseClock
 from ogpsa_jax.train import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -325,11 +325,8 @@ def run_frontier(
         ``{"meta": ..., "runs": [...], "summary": {...}, "paths": {...}}``.
     """
     validate(config)
-    out_dir = os.fspath(out_dir)
-    cache_dir = os.fspath(cache_dir) if cache_dir is not None else os.path.join(out_dir, "cache")
+    out_dir, cache_dir = output_dirs(out_dir, cache_dir)
     with PhaseClock() as clock:
-        started = {"wall": time.perf_counter(), "cpu": time.process_time(), "load": load_average()}
-        os.makedirs(cache_dir, exist_ok=True)
         dpo = any(r.endswith(":sft-dpo") for r in config.runs)  # else 1 DPO prompt suffices
         first = dataclasses.replace(
             config, seed=config.eval_seed, dpo_prompts=config.dpo_prompts if dpo else 1
@@ -346,7 +343,7 @@ def run_frontier(
             finals = method_runs(study, seed, data)
             averaging_runs(study, seed, finals)
             done = list(config.seeds[: i + 1])
-            result = {"meta": _meta(study, config, started, done), "runs": study.rows}
+            result = {"meta": _meta(study, config, done), "runs": study.rows}
             result["summary"] = summarise(study.rows)
             paths = write_frontier(out_dir, result)  # after every seed: a stop keeps what ran
             with open(os.path.join(cache_dir, "outcomes.json"), "w", encoding="utf-8") as f:
@@ -354,9 +351,7 @@ def run_frontier(
     return {**result, "paths": paths}
 
 
-def _meta(
-    study: Study, config: FrontierConfig, started: dict[str, Any], seeds_done: list[int]
-) -> dict[str, Any]:
+def _meta(study: Study, config: FrontierConfig, seeds_done: list[int]) -> dict[str, Any]:
     """results.json's ``meta``: what ran, on which data and machine, where the time went."""
     ctx, clock = study.ctx, study.ctx.clock
     return {
@@ -377,12 +372,7 @@ def _meta(
         "of naive's final point of the same seed and pipeline; intervals: percentile "
         "bootstrap over seeds of the mean (2000 resamples)",
         "settings": dataclasses.asdict(config),
-        "machine": machine_info(),
-        "load_average_start": started["load"],
-        "load_average_end": load_average(),
-        "total_seconds": round(time.perf_counter() - started["wall"], 1),
-        "total_cpu_seconds": round(time.process_time() - started["cpu"], 1),
-        "timings": clock.table(),
+        **clock.run_record(ndigits=1),
         "stage_breakdown": study.breakdown,
         "seeds_done": seeds_done,
     }

@@ -15,7 +15,8 @@ from ogpsa_jax.data.chat import left_pad, pad_token_id, prompt_ids, render_chat,
 from ogpsa_jax.data.encode import TRUNCATION_POLICIES, tokenize_preferences, tokenize_sft, truncate
 from ogpsa_jax.data.examples import Encoded, EncodedPair, PreferencePair, SFTExample
 from ogpsa_jax.data.files import looks_like_hub_id, source_kind
-from ogpsa_jax.data.sources import SCHEMAS, assets_path, load_preferences, load_sft
+from ogpsa_jax.data.schemas import SCHEMAS
+from ogpsa_jax.data.sources import assets_path, load_preferences, load_sft
 
 # Aliases: one class serves both kinds (pairs are detected from the examples).
 SFTBatches = Batches

@@ -1,18 +1,7 @@
 """Loading SFT examples and preference pairs from Hugging Face data sets and local files.
 
-Schemas (detected from the columns, or forced with ``schema=``):
-
-- ``"pku_saferlhf"``: PKU-Alignment/PKU-SafeRLHF (``prompt``, ``response_0``, ``response_1``,
-  ``is_response_0_safe``, ``is_response_1_safe``, ``safer_response_id``). SFT target = the safer
-  response; a preference pair = safer (chosen) vs the other (rejected).
-- ``"halueval_qa"``: pminervini/HaluEval config ``qa`` (``knowledge``, ``question``,
-  ``right_answer``, ``hallucinated_answer``). Prompt = knowledge + question; SFT target = the
-  right answer; a preference pair = right (chosen) vs hallucinated (rejected).
-- ``"preferences"``: ``prompt``, ``chosen``, ``rejected``, where chosen/rejected are strings or
-  message lists ending with the assistant reply (HuggingFaceH4/ultrafeedback_binarized). As an
-  SFT source the target is the chosen reply.
-- ``"sft"``: ``prompt``, ``response``.
-- ``"messages"``: ``messages``, a chat ending with an assistant message (SFT only).
+The columns of a source select its schema (`ogpsa_jax.data.schemas`: PKU-SafeRLHF, HaluEval
+QA, preferences, sft, messages), or ``schema=`` forces one.
 
 A missing field, an empty text or an unreadable row raises ``ValueError`` naming the source, the
 row (counted from 0) and the field. Rows dropped for a documented reason (a filter such as
@@ -31,17 +20,17 @@ from typing import Any
 
 from ogpsa_jax.data.examples import PreferencePair, SFTExample
 from ogpsa_jax.data.files import local_format, read_rows_by_hand, source_kind
+from ogpsa_jax.data.schemas import (
+    SCHEMAS,
+    Dropped,
+    RowError,
+    detect_schema,
+    pair_from_row,
+    sft_from_row,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMAS = ("pku_saferlhf", "halueval_qa", "preferences", "sft", "messages")
-_SCHEMA_FIELDS = {
-    "pku_saferlhf": ("prompt", "response_0", "response_1", "safer_response_id"),
-    "halueval_qa": ("knowledge", "question", "right_answer", "hallucinated_answer"),
-    "preferences": ("prompt", "chosen", "rejected"),
-    "sft": ("prompt", "response"),
-    "messages": ("messages",),
-}
 # Defaults for the hub ids the paper uses: config name, and the split when none is given.
 _HUB_DEFAULTS: dict[str, dict[str, str]] = {
     "PKU-Alignment/PKU-SafeRLHF": {"sft": "train", "prefs": "train"},
@@ -50,18 +39,6 @@ _HUB_DEFAULTS: dict[str, dict[str, str]] = {
 }
 
 Source = str | os.PathLike | Sequence[Mapping[str, Any]] | Any  # Any: a datasets.Dataset
-
-
-class _RowError(Exception):
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field {field!r} {problem}")
-        self.field = field
-
-
-class _Dropped(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def assets_path(name: str = "") -> pathlib.Path:
@@ -89,124 +66,7 @@ def assets_path(name: str = "") -> pathlib.Path:
     raise ValueError(f"no shipped asset {name!r}; available: {shipped}")
 
 
-# ----------------------------------------------------------------------------- field helpers
-
-
-def _text(
-    row: Mapping[str, Any], field: str, *, allow_empty: bool = False, label: str | None = None
-) -> str:
-    label = label or field
-    if field not in row or row[field] is None:
-        raise _RowError(label, "is missing")
-    value = row[field]
-    if not isinstance(value, str):
-        raise _RowError(label, f"must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise _RowError(label, "is empty")
-    return value
-
-
-def _chat(value: Any, field: str) -> tuple[tuple[tuple[str, str], ...], str, str]:
-    """Splits a message list into (history, final user prompt, final assistant reply)."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) < 2:
-        raise _RowError(field, "must be a list of at least two messages (user, assistant)")
-    turns = []
-    for j, m in enumerate(value):
-        if not isinstance(m, Mapping):
-            raise _RowError(f"{field}[{j}]", "must be a mapping with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise _RowError(f"{field}[{j}].role", f"must be system/user/assistant, got {role!r}")
-        last_two = j >= len(value) - 2  # the final prompt and reply must not be empty
-        content = _text(m, "content", allow_empty=not last_two, label=f"{field}[{j}].content")
-        turns.append((role, content))
-    if turns[-1][0] != "assistant" or turns[-2][0] != "user":
-        raise _RowError(field, "must end with a user message followed by an assistant message")
-    return tuple(turns[:-2]), turns[-2][1], turns[-1][1]
-
-
-def _side(row: Mapping[str, Any], field: str) -> tuple[tuple[tuple[str, str], ...], str, str]:
-    """A preference side: a string reply to ``prompt``, or a full message list."""
-    if field not in row or row[field] is None:
-        raise _RowError(field, "is missing")
-    if isinstance(row[field], str):
-        return (), _text(row, "prompt"), _text(row, field)
-    return _chat(row[field], field)
-
-
-def _pku_pair(row: Mapping[str, Any], safe_pairs_only: bool) -> tuple[str, str, str]:
-    prompt = _text(row, "prompt")
-    responses = (_text(row, "response_0"), _text(row, "response_1"))
-    safer = row.get("safer_response_id")
-    if safer not in (0, 1) or isinstance(safer, bool):
-        raise _RowError("safer_response_id", f"must be 0 or 1, got {safer!r}")
-    if safe_pairs_only:
-        safe = []
-        for k in (0, 1):
-            flag = row.get(f"is_response_{k}_safe")
-            if not isinstance(flag, bool):
-                raise _RowError(f"is_response_{k}_safe", f"must be a bool, got {flag!r}")
-            safe.append(flag)
-        if safe[0] == safe[1]:
-            raise _Dropped("not exactly one safe response")
-        if not safe[safer]:
-            raise _Dropped("safer_response_id points to the unsafe response")
-    return prompt, responses[safer], responses[1 - safer]
-
-
-def _halueval_prompt(row: Mapping[str, Any]) -> str:
-    knowledge = _text(row, "knowledge", allow_empty=True).strip()
-    question = _text(row, "question")
-    return f"{knowledge}\n\n{question}" if knowledge else question
-
-
-def _sft_from_row(row: Mapping[str, Any], schema: str, *, safe_only: bool) -> SFTExample:
-    if schema == "sft":
-        return SFTExample(_text(row, "prompt"), _text(row, "response"))
-    if schema == "messages":
-        history, prompt, response = _chat(row.get("messages"), "messages")
-        return SFTExample(prompt, response, history)
-    if schema == "preferences":
-        history, prompt, response = _side(row, "chosen")
-        return SFTExample(prompt, response, history)
-    if schema == "halueval_qa":
-        return SFTExample(_halueval_prompt(row), _text(row, "right_answer"))
-    prompt, safer, _ = _pku_pair(row, safe_pairs_only=False)
-    if safe_only:
-        k = row["safer_response_id"]
-        if row.get(f"is_response_{k}_safe") is not True:
-            raise _Dropped("safer response is not labelled safe")
-    return SFTExample(prompt, safer)
-
-
-def _pair_from_row(row: Mapping[str, Any], schema: str, *, safe_pairs_only: bool) -> PreferencePair:
-    if schema == "preferences":
-        history_c, prompt_c, chosen = _side(row, "chosen")
-        history_r, prompt_r, rejected = _side(row, "rejected")
-        if (history_c, prompt_c) != (history_r, prompt_r):
-            raise _RowError("rejected", "has a different conversation before the reply than chosen")
-        return PreferencePair(prompt_c, chosen, rejected, history_c)
-    if schema == "halueval_qa":
-        return PreferencePair(
-            _halueval_prompt(row), _text(row, "right_answer"), _text(row, "hallucinated_answer")
-        )
-    if schema == "pku_saferlhf":
-        return PreferencePair(*_pku_pair(row, safe_pairs_only))
-    raise ValueError(f"schema {schema!r} has no preference fields")
-
-
 # ----------------------------------------------------------------------------- reading rows
-
-
-def _detect_schema(columns: Iterable[str], name: str) -> str:
-    cols = set(columns)
-    for schema in SCHEMAS:
-        if set(_SCHEMA_FIELDS[schema]) <= cols:
-            return schema
-    expected = {s: list(f) for s, f in _SCHEMA_FIELDS.items()}
-    raise ValueError(
-        f"{name}: columns {sorted(cols)} match no known schema; expected one of {expected}"
-    )
 
 
 def _open(
@@ -264,7 +124,7 @@ def _collect(
     if schema is not None and schema not in SCHEMAS:
         raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
     display, rows, cols, reread = _open(source, split, name, kind)
-    schema = schema or _detect_schema(cols, display)
+    schema = schema or detect_schema(cols, display)
     if kind == "prefs" and schema in ("sft", "messages"):
         raise ValueError(
             f"{display}: schema {schema!r} has no preference fields; need "
@@ -282,9 +142,9 @@ def _collect(
                 )
             try:
                 yield i, convert(row, schema)
-            except _Dropped as d:
+            except Dropped as d:
                 dropped[d.reason] += 1
-            except _RowError as e:
+            except RowError as e:
                 if not skip_invalid:
                     raise ValueError(f"{display}: row {i}: {e}") from None
                 dropped[f"invalid {e.field}"] += 1
@@ -329,7 +189,7 @@ def load_sft(
       split: the split; None picks the source's default (``train``; ``train_sft`` for
         ultrafeedback_binarized; ``data`` for HaluEval).
       limit: keep the first ``limit`` usable rows.
-      schema: force a schema (see the module docstring); None detects it from the columns.
+      schema: force a schema (see `ogpsa_jax.data.schemas`); None detects it from the columns.
       name: the hub config name (``qa`` is the default for pminervini/HaluEval).
       safe_only: PKU-SafeRLHF only: drop (and count) rows whose safer response is not safe.
       skip_invalid: drop (and count) invalid rows instead of raising.
@@ -352,7 +212,7 @@ def load_sft(
         schema=schema,
         limit=limit,
         skip_invalid=skip_invalid,
-        convert=lambda row, s: _sft_from_row(row, s, safe_only=safe_only),
+        convert=lambda row, s: sft_from_row(row, s, safe_only=safe_only),
     )
 
 
@@ -374,7 +234,7 @@ def load_preferences(
       split: the split; None picks the source's default (``train``; ``train_prefs`` for
         ultrafeedback_binarized; ``data`` for HaluEval).
       limit: keep the first ``limit`` usable pairs.
-      schema: force a schema (see the module docstring); None detects it from the columns.
+      schema: force a schema (see `ogpsa_jax.data.schemas`); None detects it from the columns.
       name: the hub config name.
       safe_pairs_only: PKU-SafeRLHF only: keep only pairs where exactly one response is safe
         (and the safer one is it); the others are counted and logged.
@@ -398,5 +258,5 @@ def load_preferences(
         schema=schema,
         limit=limit,
         skip_invalid=skip_invalid,
-        convert=lambda row, s: _pair_from_row(row, s, safe_pairs_only=safe_pairs_only),
+        convert=lambda row, s: pair_from_row(row, s, safe_pairs_only=safe_pairs_only),
     )

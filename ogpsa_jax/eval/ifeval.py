@@ -243,6 +243,31 @@ def official_checker() -> types.ModuleType:
     return importlib.import_module(f"{_PRIVATE_PACKAGE}.evaluation")
 
 
+def ifeval_outcomes(per_prompt: Sequence[Mapping[str, Any]]) -> dict[str, list[bool]]:
+    """The 0/1 outcomes behind each IFEval score: one per prompt (``prompt_strict``,
+    ``prompt_loose``) or one per instruction of every prompt (``inst_strict``, ``inst_loose``).
+
+    Args:
+      per_prompt: `score_ifeval`'s ``per_prompt`` list.
+
+    Returns:
+      score name -> outcomes, in the order of `score_ifeval`'s scores.
+
+    Example:
+      >>> per = [{"strict": True, "loose": True, "inst_strict": [True], "inst_loose": [True]},
+      ...        {"strict": False, "loose": True, "inst_strict": [True, False],
+      ...         "inst_loose": [True, True]}]
+      >>> ifeval_outcomes(per)["inst_strict"]
+      [True, True, False]
+    """
+    return {
+        "prompt_strict": [p["strict"] for p in per_prompt],
+        "prompt_loose": [p["loose"] for p in per_prompt],
+        "inst_strict": [x for p in per_prompt for x in p["inst_strict"]],
+        "inst_loose": [x for p in per_prompt for x in p["inst_loose"]],
+    }
+
+
 def score_ifeval(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> dict[str, Any]:
     """IFEval scores of given responses with the official checker (no model).
 
@@ -301,12 +326,7 @@ def score_ifeval(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) ->
             }
         )
     out: dict[str, Any] = {}
-    for name, values in (
-        ("prompt_strict", [p["strict"] for p in per_prompt]),
-        ("prompt_loose", [p["loose"] for p in per_prompt]),
-        ("inst_strict", [x for p in per_prompt for x in p["inst_strict"]]),
-        ("inst_loose", [x for p in per_prompt for x in p["inst_loose"]]),
-    ):
+    for name, values in ifeval_outcomes(per_prompt).items():
         s = rate_summary(values)
         out[name], out[f"{name}_ci"] = s["rate"], s["ci"]
     out["n_prompts"] = len(per_prompt)

@@ -56,9 +56,9 @@ from flax import nnx
 from ogpsa_jax.eval.drift import drift, reference_answers
 from ogpsa_jax.eval.generation import generate_responses
 from ogpsa_jax.eval.gsm8k import gsm8k_exact_match, gsm8k_mc_accuracy
-from ogpsa_jax.eval.ifeval import evaluate_ifeval
+from ogpsa_jax.eval.ifeval import evaluate_ifeval, ifeval_outcomes
 from ogpsa_jax.eval.judge import Judge, default_judge
-from ogpsa_jax.eval.multiple_choice import check_mc_items, multiple_choice_accuracy
+from ogpsa_jax.eval.multiple_choice import multiple_choice_accuracy
 from ogpsa_jax.eval.prompts import load_prompt_set, prompt_texts
 from ogpsa_jax.eval.refusal import judge_refusals
 from ogpsa_jax.eval.stats import bootstrap_interval, mean_of_rates_interval, rate_summary
@@ -66,18 +66,9 @@ from ogpsa_jax.eval.suite_config import (
     EVAL_SETS,
     TRUTHFULQA_NOTE,
     EvalConfig,
-    full_eval_config,
+    check_eval_sets,
     load_eval_sets,
 )
-
-__all__ = [
-    "EVAL_SETS",
-    "EvalConfig",
-    "drift_reference",
-    "evaluate_alignment",
-    "full_eval_config",
-    "load_eval_sets",
-]
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -126,32 +117,6 @@ def drift_reference(
         progress="drift reference" if progress is True else progress,
     )
     return {"prompts": texts, "answers": answers}
-
-
-def _check_inputs(sets: Mapping[str, Rows], reference: Mapping[str, Any] | None) -> None:
-    """Bad sets or reference: a ValueError before any model runs."""
-    unknown = sorted(set(sets) - set(EVAL_SETS))
-    if unknown:
-        raise ValueError(f"sets: unknown keys {unknown}; known {list(EVAL_SETS)}")
-    prompt_texts(sets["harmful"])
-    prompt_texts(sets["over_refusal"])
-    check_mc_items(sets["bbq"])
-    check_mc_items(sets["choice"])
-    for i, item in enumerate(sets["ifeval"]):
-        for field in ("prompt", "instruction_id_list", "kwargs"):
-            if field not in item:
-                raise ValueError(f"IFEval row {i} has no {field!r} field (see load_ifeval)")
-    for i, item in enumerate(sets["gsm8k"]):
-        if "prompt" not in item or not ("choices" in item or "target" in item):
-            raise ValueError(f"GSM8K item {i} needs 'prompt' and 'choices' or 'target'")
-    if reference is not None:
-        if "prompts" not in reference or "answers" not in reference:
-            raise ValueError("reference needs 'prompts' and 'answers' (see drift_reference)")
-        if len(reference["prompts"]) != len(reference["answers"]):
-            raise ValueError(
-                f"reference has {len(reference['prompts'])} prompts but "
-                f"{len(reference['answers'])} answers"
-            )
 
 
 def _by_source(rows: Rows, refused: Sequence[bool]) -> dict[str, float]:
@@ -242,7 +207,7 @@ def evaluate_alignment(
     config = EvalConfig() if config is None else config
     judge = default_judge() if judge is None else judge
     sets = {**(load_eval_sets(config) if set(EVAL_SETS) - set(sets or {}) else {}), **(sets or {})}
-    _check_inputs(sets, reference)
+    check_eval_sets(sets, reference)
     timed = phase if phase is not None else lambda _: contextlib.nullcontext()
     bar = lambda label: label if progress else False
     gen = dict(system_prompt=config.system_prompt, chat=config.chat)
@@ -335,11 +300,7 @@ def evaluate_alignment(
         "choice": {},
     }
     if ife is not None:
-        per = ife["per_prompt"]
-        outcomes["ifeval_prompt_strict"] = [p["strict"] for p in per]
-        outcomes["ifeval_prompt_loose"] = [p["loose"] for p in per]
-        outcomes["ifeval_inst_strict"] = [x for p in per for x in p["inst_strict"]]
-        outcomes["ifeval_inst_loose"] = [x for p in per for x in p["inst_loose"]]
+        outcomes.update({f"ifeval_{k}": v for k, v in ifeval_outcomes(ife["per_prompt"]).items()})
     for task, res in choice.items():
         items = [r for r in sets["choice"] if r.get("category", "choice") == task]
         outcomes["choice"][task] = correct(res, items)

@@ -1,5 +1,5 @@
 """What :func:`~ogpsa_jax.eval.suite.evaluate_alignment` measures: `EvalConfig`, its full
-variant and the prompt sets a config selects.
+variant, the prompt sets a config selects and the checks of given sets.
 
 Example:
     >>> EvalConfig(bbq_limit=30).bbq_limit
@@ -9,11 +9,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ogpsa_jax.eval.choice_tasks import TASKS, load_choice_task
 from ogpsa_jax.eval.ifeval import load_ifeval, short_answer_rows
-from ogpsa_jax.eval.prompts import HARMFUL_EVAL_SETS, load_prompt_set
+from ogpsa_jax.eval.multiple_choice import check_mc_items
+from ogpsa_jax.eval.prompts import HARMFUL_EVAL_SETS, load_prompt_set, prompt_texts
 
 # the keys of `load_eval_sets`
 EVAL_SETS = ("harmful", "over_refusal", "gsm8k", "bbq", "ifeval", "choice")
@@ -154,3 +156,48 @@ def load_eval_sets(config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
             for row in load_choice_task(task, limit=config.choice_limit)
         ],
     }
+
+
+def check_eval_sets(
+    sets: Mapping[str, Sequence[Mapping[str, Any]]], reference: Mapping[str, Any] | None
+) -> None:
+    """Bad sets or drift reference of :func:`evaluate_alignment`: a ValueError before any model
+    runs.
+
+    Args:
+      sets: rows per measure, every key of ``EVAL_SETS`` (e.g. from `load_eval_sets`).
+      reference: `drift_reference`'s output, or None.
+
+    Raises:
+      ValueError: an unknown set, a row without the fields its measure needs, or a reference
+        whose prompts and answers differ in number.
+
+    Example:
+      >>> sets = {k: [] for k in EVAL_SETS}
+      >>> check_eval_sets({**sets, "gsm8k": [{"prompt": "2 + 2?"}]}, None)
+      Traceback (most recent call last):
+      ...
+      ValueError: GSM8K item 0 needs 'prompt' and 'choices' or 'target'
+    """
+    unknown = sorted(set(sets) - set(EVAL_SETS))
+    if unknown:
+        raise ValueError(f"sets: unknown keys {unknown}; known {list(EVAL_SETS)}")
+    prompt_texts(sets["harmful"])
+    prompt_texts(sets["over_refusal"])
+    check_mc_items(sets["bbq"])
+    check_mc_items(sets["choice"])
+    for i, item in enumerate(sets["ifeval"]):
+        for field in ("prompt", "instruction_id_list", "kwargs"):
+            if field not in item:
+                raise ValueError(f"IFEval row {i} has no {field!r} field (see load_ifeval)")
+    for i, item in enumerate(sets["gsm8k"]):
+        if "prompt" not in item or not ("choices" in item or "target" in item):
+            raise ValueError(f"GSM8K item {i} needs 'prompt' and 'choices' or 'target'")
+    if reference is not None:
+        if "prompts" not in reference or "answers" not in reference:
+            raise ValueError("reference needs 'prompts' and 'answers' (see drift_reference)")
+        if len(reference["prompts"]) != len(reference["answers"]):
+            raise ValueError(
+                f"reference has {len(reference['prompts'])} prompts but "
+                f"{len(reference['answers'])} answers"
+            )

@@ -1,7 +1,8 @@
 """Reusable pieces of alignment-tax experiments: training targets (`targets`), the
-weight-averaging baseline (`averaging`), the results files and plot (`report`) and phase
-timings with a machine record (`timing`). The experiments themselves live in the repository's
-``experiments/`` folder (``python -m experiments.demo``).
+weight-averaging baseline (`averaging`), the results files and plot (`report`), phase
+timings with a machine record (`timing`) and a study's command line and folders (`entry`). The
+experiments themselves live in the repository's ``experiments/`` folder
+(``python -m experiments.demo``).
 
 Example:
     >>> from ogpsa_jax.experiment import refusal_for, REFUSAL_TEMPLATES

@@ -1,5 +1,5 @@
 """Where an experiment's time goes: wall, CPU and XLA compile seconds per named phase, and a
-record of the machine it ran on.
+record of the machine it ran on and of the run's totals (`PhaseClock.run_record`).
 
 Example:
     >>> import time
@@ -47,7 +47,7 @@ class PhaseClock:
     def __init__(self) -> None:
         self.phases: dict[str, dict[str, float]] = {}
         self._compiled = [0.0, 0]  # seconds, count
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0, self._load0 = time.perf_counter(), time.process_time(), load_average()
 
     def _on_event(self, event: str, seconds: float, **_: Any) -> None:
         if event == _COMPILE_EVENT:
@@ -91,6 +91,29 @@ class PhaseClock:
         return {
             name: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
             for name, row in self.phases.items()
+        }
+
+    def run_record(self, ndigits: int | None = None) -> dict[str, Any]:
+        """What a results file records of the run so far: ``machine`` (`machine_info`),
+        ``load_average_start`` (when the clock was made) and ``load_average_end`` (now),
+        ``total_seconds`` and ``total_cpu_seconds`` since the clock was made (rounded to
+        ``ndigits`` when given), and ``timings`` (`table`).
+
+        Example:
+            >>> record = PhaseClock().run_record(ndigits=1)
+            >>> list(record)[:2], record["total_seconds"] >= 0.0
+            (['machine', 'load_average_start'], True)
+        """
+        wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._cpu0
+        if ndigits is not None:
+            wall, cpu = round(wall, ndigits), round(cpu, ndigits)
+        return {
+            "machine": machine_info(),
+            "load_average_start": self._load0,
+            "load_average_end": load_average(),
+            "total_seconds": wall,
+            "total_cpu_seconds": cpu,
+            "timings": self.table(),
         }
 
 

@@ -1,9 +1,10 @@
 """Flax NNX Llama / Qwen2 decoders, Hugging Face checkpoint I/O, generation and log-probs.
 
-Files: `config` (architectures), `layers` (the block's math), `functional` (the pure entry
-points on the parameter dict), `decoder` (the NNX module), `lora` (low-rank adapters, merge),
-`peft` (PEFT adapter folders), `logprobs`, `generate`, `capture` (inputs of the linear
-layers), `hf` and `gguf` (checkpoint I/O), `sharding` (meshes).
+Files: `config` (architectures), `layers` (the block's math), `layer_scan` (the preamble and
+the scan of the blocks), `functional` (the pure entry points on the parameter dict), `decoder`
+(the NNX module), `lora` (low-rank adapters, merge), `peft` (PEFT adapter folders), `logprobs`,
+`generate`, `capture` (inputs of the linear layers), `hf` and `gguf` (checkpoint I/O),
+`sharding` (meshes).
 """
 
 from ogpsa_jax.models.config import (

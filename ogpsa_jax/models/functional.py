@@ -2,7 +2,7 @@
 
 Every entry point shares one preamble (token embedding, RoPE tables from positions, the causal
 mask over key slots) and one `lax.scan` of `ogpsa_jax.models.layers.block` over the stacked
-layers:
+layers (both in `ogpsa_jax.models.layer_scan`):
 
 | entry point | what it returns |
 | --- | --- |
@@ -29,16 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from ogpsa_jax.models.config import DecoderConfig
-from ogpsa_jax.models.layers import (
-    attention_chunk_rows,
-    block,
-    remat_policy,
-    rms_norm,
-    rope_tables,
-)
+from ogpsa_jax.models.layer_scan import Caches, preamble, scan_layers
+from ogpsa_jax.models.layers import attention_chunk_rows, rms_norm
 from ogpsa_jax.models.sharding import constrain_batch
-
-Caches = tuple[jax.Array, jax.Array]  # (k, v), each [num_layers, B, kv_heads, T, head_dim]
 
 
 def token_positions(attention_mask_BxL: jax.Array) -> jax.Array:
@@ -52,69 +45,6 @@ def token_positions(attention_mask_BxL: jax.Array) -> jax.Array:
     """
     valid_BxL = attention_mask_BxL.astype(bool)
     return jnp.maximum(jnp.cumsum(valid_BxL.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def _prepare(
-    params: dict[str, Any],
-    config: DecoderConfig,
-    dtype: Any,
-    input_ids_BxL: jax.Array,
-    positions_BxL: jax.Array,
-    kv_valid_BxT: jax.Array,
-    first_slot: jax.Array | int,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
-    """The preamble of every entry point: embedded tokens, RoPE tables, and the mask letting
-    new token i (at key slot first_slot + i) see the real slots up to its own."""
-    n, t = input_ids_BxL.shape[1], kv_valid_BxT.shape[1]
-    slots_L = first_slot + jnp.arange(n)
-    mask_BxLxT = (slots_L[:, None] >= jnp.arange(t)[None, :])[None] & kv_valid_BxT[:, None, :]
-    # The lookup's output would take the table's split (hidden over fsdp); every activation
-    # after it follows the batch split of the ids instead.
-    h_BxLxD = constrain_batch(params["embed_tokens"].astype(dtype)[input_ids_BxL])
-    return h_BxLxD, rope_tables(config, positions_BxL), mask_BxLxT
-
-
-def _scan(
-    layers: dict[str, jax.Array],
-    h_BxLxD: jax.Array,
-    rope_BxLxE: tuple[jax.Array, jax.Array],
-    mask_BxLxT: jax.Array,
-    config: DecoderConfig,
-    dtype: Any,
-    *,
-    caches: Caches | None = None,
-    write_index: jax.Array | int = 0,
-    unroll: int = 1,
-    chunk: int = 0,
-    tap: Callable[[dict[str, jax.Array]], Any] | None = None,
-    remat: str = "none",
-) -> tuple[jax.Array, Caches | None, Any]:
-    """`block` scanned over the stacked layers: (h, caches, tap's outputs stacked per layer);
-    with `remat`, each block is rematerialised in the backward pass (`remat_policy`)."""
-
-    def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-        p, cache = xs
-        h, cache, taps = block(
-            p,
-            h,
-            rope_BxLxE,
-            mask_BxLxT,
-            config,
-            dtype,
-            cache=cache,
-            write_index=write_index,
-            chunk=chunk,
-            capture=tap is not None,
-        )
-        return h, (cache, None if tap is None else tap(taps))
-
-    policy = remat_policy(remat)
-    if remat != "none":  # the scan already keeps XLA from merging the recomputation away
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    h, (caches, tapped) = jax.lax.scan(
-        body, h_BxLxD, (layers, caches), unroll=True if unroll == 0 else unroll
-    )
-    return h, caches, tapped
 
 
 def _full_sequence(
@@ -133,7 +63,7 @@ def _full_sequence(
     """Final-norm hidden states of whole sequences, and the tap's per-layer outputs."""
     valid_BxL = attention_mask.astype(bool)
     positions_BxL = token_positions(valid_BxL)
-    h, rope_BxLxE, mask_BxLxL = _prepare(
+    h, rope_BxLxE, mask_BxLxL = preamble(
         params, config, dtype, input_ids, positions_BxL, valid_BxL, 0
     )
     chunk = attention_chunk_rows(input_ids.shape[1], attention_chunk)
@@ -142,11 +72,11 @@ def _full_sequence(
     if frozen_layers > 0:
         frozen = jax.tree.map(lambda a: a[:frozen_layers], layers)
         layers = jax.tree.map(lambda a: a[frozen_layers:], layers)
-        h, _, out = _scan(frozen, h, rope_BxLxE, mask_BxLxL, config, dtype, **run)
+        h, _, out = scan_layers(frozen, h, rope_BxLxE, mask_BxLxL, config, dtype, **run)
         h = jax.lax.stop_gradient(h)
         tapped.append(out)
     if frozen_layers < config.num_layers:
-        h, _, out = _scan(layers, h, rope_BxLxE, mask_BxLxL, config, dtype, **run)
+        h, _, out = scan_layers(layers, h, rope_BxLxE, mask_BxLxL, config, dtype, **run)
         tapped.append(out)
     if tap is not None and len(tapped) > 1:
         tapped = [jax.tree.map(lambda *xs: jnp.concatenate(xs), *tapped)]
@@ -353,12 +283,14 @@ def prefill(
         raise ValueError(f"cache_length={cache_length} < prompt length {n}")
     valid_BxP = attention_mask.astype(bool)
     kv_valid_BxT = jnp.pad(valid_BxP, ((0, 0), (0, cache_length - n)))
-    h, rope_BxPxE, mask_BxPxT = _prepare(
+    h, rope_BxPxE, mask_BxPxT = preamble(
         params, config, dtype, input_ids, token_positions(valid_BxP), kv_valid_BxT, 0
     )
     shape = (config.num_layers, b, config.num_kv_heads, cache_length, config.head_dim)
     caches = tuple(constrain_batch(jnp.zeros(shape, dtype), axis=1) for _ in range(2))
-    _, caches, _ = _scan(params["layers"], h, rope_BxPxE, mask_BxPxT, config, dtype, caches=caches)
+    _, caches, _ = scan_layers(
+        params["layers"], h, rope_BxPxE, mask_BxPxT, config, dtype, caches=caches
+    )
     return caches
 
 
@@ -398,10 +330,10 @@ def forward_with_cache(
         >>> logits.shape
         (2, 1, 97)
     """
-    h, rope_BxLxE, mask_BxLxT = _prepare(
+    h, rope_BxLxE, mask_BxLxT = preamble(
         params, config, dtype, input_ids, positions, kv_valid_BxT, write_index
     )
-    h, caches, _ = _scan(
+    h, caches, _ = scan_layers(
         params["layers"],
         h,
         rope_BxLxE,

@@ -7,8 +7,9 @@ Two kinds, one contract:
 * matrix (`matrix`): per weight matrix, a ``(d_in, k)`` basis of its input space (GPM);
   `ogpsa_matrix` and `ogpsa_matrix_adamw`, `project_matrix`; input axes in `dims`.
 
-Their states (`state`) share `get_basis` / `set_basis` / `basis_nbytes`, and `residual_max`
-reads either. The bases themselves are estimated in `ogpsa_jax.bases`.
+Their states (`state`) share `get_basis` / `set_basis` / `basis_nbytes`, `residual_max`
+reads either, and both aliases are the chain of `alias` (projection -> clip -> AdamW). The
+bases themselves are estimated in `ogpsa_jax.bases`.
 
 Example:
   >>> import jax.numpy as jnp

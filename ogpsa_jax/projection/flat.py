@@ -15,7 +15,7 @@ coefficients and the subtract (one pass over g, in place) is `ogpsa_jax.projecti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,6 +24,7 @@ import optax
 
 from ogpsa_jax._tree import is_masked, zeros_like
 from ogpsa_jax.projection._kernels import coefficients, fence
+from ogpsa_jax.projection.alias import project_clip_adamw
 from ogpsa_jax.projection.state import (
     F32_DTYPE,
     OGPSAState,
@@ -117,6 +118,22 @@ def project(
     return jax.tree.unflatten(g_def, out)
 
 
+def _fold_coefficients(
+    grads: optax.Updates,
+    basis: Sequence[optax.Params],
+    fold: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """``fold`` over the coefficients <g, u_i> of every projected leaf, from a float32 zero."""
+    g_leaves, _, basis_leaves = _check_basis_trees(grads, basis)
+    out = jnp.zeros((), _F32)
+    for j, g in enumerate(g_leaves):
+        us = [leaves[j] for leaves in basis_leaves if not is_masked(leaves[j])]
+        if us and not is_masked(g):
+            for c in coefficients(g, us):
+                out = fold(out, c)
+    return out
+
+
 def residual_max_flat(grads: optax.Updates, basis: Sequence[optax.Params]) -> jax.Array:
     """``max |<g, u_i>|`` over every leaf and direction: what a projected gradient still has
     along the basis (0 up to rounding right after `project`).
@@ -132,14 +149,7 @@ def residual_max_flat(grads: optax.Updates, basis: Sequence[optax.Params]) -> ja
       >>> float(residual_max_flat({"w": jnp.array([3.0, 4.0])}, ({"w": jnp.array([1.0, 0.0])},)))
       3.0
     """
-    g_leaves, _, basis_leaves = _check_basis_trees(grads, basis)
-    out = jnp.zeros((), _F32)
-    for j, g in enumerate(g_leaves):
-        us = [leaves[j] for leaves in basis_leaves if not is_masked(leaves[j])]
-        if us and not is_masked(g):
-            for c in coefficients(g, us):
-                out = jnp.maximum(out, jnp.abs(c))
-    return out
+    return _fold_coefficients(grads, basis, lambda out, c: jnp.maximum(out, jnp.abs(c)))
 
 
 def span_energy_flat(updates: optax.Updates, basis: Sequence[optax.Params]) -> jax.Array:
@@ -150,14 +160,7 @@ def span_energy_flat(updates: optax.Updates, basis: Sequence[optax.Params]) -> j
       >>> float(span_energy_flat({"w": jnp.array([3.0, 4.0])}, ({"w": jnp.array([1.0, 0.0])},)))
       9.0
     """
-    g_leaves, _, basis_leaves = _check_basis_trees(updates, basis)
-    out = jnp.zeros((), _F32)
-    for j, g in enumerate(g_leaves):
-        us = [leaves[j] for leaves in basis_leaves if not is_masked(leaves[j])]
-        if us and not is_masked(g):
-            for c in coefficients(g, us):
-                out = out + jnp.sum(jnp.square(c))
-    return out
+    return _fold_coefficients(updates, basis, lambda out, c: out + jnp.sum(jnp.square(c)))
 
 
 def ogpsa(
@@ -269,13 +272,9 @@ def ogpsa_adamw(
       >>> float(updates["w"][0]) == 0.0  # the protected direction does not move
       True
     """
-    parts: list[optax.GradientTransformation] = [
-        ogpsa(k, strength=strength, conflict_only=conflict_only, mask=mask, basis_dtype=basis_dtype)
-    ]
-    if max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    return optax.chain(*parts)
+    proj = dict(strength=strength, conflict_only=conflict_only, mask=mask, basis_dtype=basis_dtype)
+    adam = dict(max_grad_norm=max_grad_norm, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return project_clip_adamw(ogpsa(k, **proj), learning_rate, **adam)
 
 
 __all__ = ["ogpsa", "ogpsa_adamw", "project", "residual_max_flat"]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from ogpsa_jax._tree import explicit_spec, is_masked
+from ogpsa_jax.projection.alias import project_clip_adamw
 from ogpsa_jax.projection.dims import DimsSpec, basis_shape, batch_ndim, resolve_dims
 from ogpsa_jax.projection.state import (
     F32_DTYPE,
@@ -359,20 +360,9 @@ def ogpsa_matrix_adamw(
       >>> bool(jnp.all(updates["w"][0] == 0.0))  # inputs along v see no change
       True
     """
-    parts: list[optax.GradientTransformation] = [
-        ogpsa_matrix(
-            k,
-            dims=dims,
-            strength=strength,
-            conflict_only=conflict_only,
-            mask=mask,
-            basis_dtype=basis_dtype,
-        )
-    ]
-    if max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    return optax.chain(*parts)
+    proj = dict(strength=strength, conflict_only=conflict_only, mask=mask, basis_dtype=basis_dtype)
+    adam = dict(max_grad_norm=max_grad_norm, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return project_clip_adamw(ogpsa_matrix(k, dims=dims, **proj), learning_rate, **adam)
 
 
 __all__ = ["ogpsa_matrix", "ogpsa_matrix_adamw", "project_matrix", "residual_max_matrix"]

@@ -1,13 +1,14 @@
 """Sharded SFT / DPO / SFT->DPO training with OGPSA: configs, presets, losses, step, loop.
 
-Files: `schema` (the config dataclasses, `validate`), `presets`, `inputs` (everything read
-before the run folder is touched), `run_dir` (the run folder), `optimizer` (the public OGPSA
-alias built from a stage config), `step` (the pure train step), `losses`, `dpo_reference`,
-`refresh` (basis refreshes), `lora` (LoRA runs: starting model, checks, export),
-`lora_refresh` (the matrix basis on adapters), `sharding`, `checkpoint`, `metrics`, `budget` (a
-stage's steps and an extension's schedule), `signals` (SIGTERM and Ctrl-C), `progress` (bar or
-log lines), `config_doc` (the generated config reference), `loop` (`train` and the stage loop),
-`hooks` (the loop's seams for `ogpsa_jax.testing`).
+Files: `schema` (the config dataclasses), `validation` (`validate`: the checks before any
+compute), `presets`, `inputs` (everything read before the run folder is touched), `run_dir` (the
+run folder), `optimizer` (the public OGPSA alias built from a stage config), `step` (the pure
+train step), `losses`, `dpo_reference`, `refresh` (basis refreshes), `lora` (LoRA runs: starting
+model, checks, export), `lora_refresh` (the matrix basis on adapters), `sharding`, `checkpoint`,
+`metrics`, `budget` (a stage's steps and an extension's schedule), `signals` (SIGTERM and
+Ctrl-C), `progress` (bar or log lines), `config_doc` (the generated config reference), `loop`
+(`train` and the stage loop), `export` (the ``final/`` and ``step-N/`` model folders), `hooks`
+(the loop's seams for `ogpsa_jax.testing`).
 
 Example:
     >>> from ogpsa_jax.train import apply_overrides, preset, train
@@ -28,10 +29,10 @@ from ogpsa_jax.train.schema import (
     SFTConfig,
     StageConfig,
     TrainConfig,
-    validate,
 )
 from ogpsa_jax.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from ogpsa_jax.train.step import make_train_step
+from ogpsa_jax.train.validation import validate
 
 __all__ = [
     "EXIT_INTERRUPTED",

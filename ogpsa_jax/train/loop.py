@@ -4,8 +4,9 @@
 model folder before it writes anything (`ogpsa_jax.train.inputs`), prepares the run folder
 (`ogpsa_jax.train.run_dir`), then runs each stage: build it (data, sharded model, optimiser,
 jitted step, basis refresh), restore its latest checkpoint, and step -- refresh the basis when
-due, run one step, log, checkpoint -- until done, then export ``final/``. Each of those is a
-small function below; what changes from step to step is one `Carry`, all of it checkpointed.
+due, run one step, log, checkpoint -- until done, then export ``final/``
+(`ogpsa_jax.train.export`). Each of those is a small function below; what changes from step to
+step is one `Carry`, all of it checkpointed.
 
 Layout: stages "sft" and "dpo" write ``DIR/{config.json, metrics.jsonl, tb/, checkpoints/,
 final/, done.json}``; "sft-dpo" writes the SFT stage under ``DIR/sft/`` and the DPO stage
@@ -27,7 +28,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,32 +35,28 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.experimental import multihost_utils
 
 from ogpsa_jax import logs, models
-from ogpsa_jax.models.lora import merge_lora
 from ogpsa_jax.overrides import to_dict
 from ogpsa_jax.train import checkpoint as ckpt
 from ogpsa_jax.train.budget import StageBudget, schedule_change, stage_budget
 from ogpsa_jax.train.dpo_reference import attach_ref_logps
+from ogpsa_jax.train.export import export_final, export_step
 from ogpsa_jax.train.inputs import Inputs, load_inputs
-from ogpsa_jax.train.lora import export_lora
 from ogpsa_jax.train.metrics import MetricsLog
-from ogpsa_jax.train.processes import sync_processes
 from ogpsa_jax.train.progress import Progress
 from ogpsa_jax.train.run_dir import (
     check_output_dir,
     done_record,
-    mark_done,
     prepare_output_dir,
     record_schedule_change,
     stage_dirs,
 )
-from ogpsa_jax.train.schema import TrainConfig, lora_config, stages_of, validate
+from ogpsa_jax.train.schema import TrainConfig, lora_config, stages_of
 from ogpsa_jax.train.sharding import place
 from ogpsa_jax.train.signals import StopRequest, catch_stop_signals
 from ogpsa_jax.train.stage import Carry, Stage, build_stage
+from ogpsa_jax.train.validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -183,43 +179,6 @@ def _save(stage: Stage, carry: Carry, manager: Any) -> None:
     ckpt.save(manager, carry.step, carry.params, carry.opt_state, meta)
 
 
-def _export(stage: Stage, carry: Carry, tokenizer: Any, final_dir: str) -> None:
-    """Writes ``final/`` (save_hf + tokenizer files; with LoRA, `export_lora`), then
-    ``done.json``."""
-    params, rest = carry.params, stage.rest
-    if jax.process_count() > 1:  # every process joins the gather; process 0 writes
-        params = multihost_utils.process_allgather(params, tiled=True)
-        rest = multihost_utils.process_allgather(rest, tiled=True)
-        if jax.process_index() == 0:  # host copies it may write to (merging LoRA does)
-            params, rest = jax.tree.map(np.array, (params, rest))
-    if jax.process_index() == 0:
-        model = nnx.merge(stage.graphdef, params, rest)
-        if stage.lora is not None:
-            export_lora(model, stage.stage_dir, tokenizer, stage.base_dir)
-        else:
-            if os.path.isdir(final_dir):
-                shutil.rmtree(final_dir)
-            models.save_hf(model, final_dir)
-            tokenizer.save_pretrained(final_dir)
-        mark_done(stage.stage_dir, carry.step, carry.skips, stage.total)
-    sync_processes(f"{stage.kind} exported")  # the next stage of sft-dpo reads final/
-
-
-def _export_step(stage: Stage, carry: Carry, tokenizer: Any) -> None:
-    """Writes ``step-N/`` (a full HF folder; with LoRA the merged model) for ``export_at``."""
-    params, rest = carry.params, stage.rest
-    if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params, tiled=True)
-        rest = multihost_utils.process_allgather(rest, tiled=True)
-    if jax.process_index() == 0:
-        model = nnx.merge(stage.graphdef, params, rest)
-        path = os.path.join(stage.stage_dir, f"step-{carry.step}")
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        models.save_hf(merge_lora(model) if stage.lora is not None else model, path)
-        tokenizer.save_pretrained(path)
-
-
 # ----------------------------------------------------------------------------- one stage
 
 
@@ -288,7 +247,7 @@ def _steps(stage: Stage, carry: Carry, manager: Any, run: _Run, resumed: bool) -
             if run.step_callback is not None:
                 run.step_callback(carry.step, record)
             if carry.step in run.config.export_at and carry.step < stage.total:
-                _export_step(stage, carry, run.inputs.tokenizer)
+                export_step(stage, carry, run.inputs.tokenizer)
             if every and (carry.step % every == 0 or carry.step == stage.total):
                 _save(stage, carry, manager)
                 last_saved, run.stop.unsaved = carry.step, False
@@ -344,7 +303,7 @@ def _run_stage(
     if not finished:
         return dataclasses.replace(preempted, step=carry.step, stopped_by=run.stop.signal)
     _all_skipped(kind, carry)
-    _export(stage, carry, run.inputs.tokenizer, final_dir)
+    export_final(stage, carry, run.inputs.tokenizer, final_dir)
     logger.info(
         "%s: done after %d steps (%s); model exported to %s",
         kind,

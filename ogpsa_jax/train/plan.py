@@ -53,14 +53,9 @@ from ogpsa_jax.train.abstract import (
 from ogpsa_jax.train.activation_refresh import make_capture_fn, rows_per_batch
 from ogpsa_jax.train.dpo_reference import reference_logps_program
 from ogpsa_jax.train.refresh import gradient_programs
-from ogpsa_jax.train.schema import (
-    MATRIX_METHODS,
-    TrainConfig,
-    resolve_mesh_shape,
-    stages_of,
-    validate,
-)
+from ogpsa_jax.train.schema import MATRIX_METHODS, TrainConfig, stages_of
 from ogpsa_jax.train.sharding import rows_sharding
+from ogpsa_jax.train.validation import resolve_mesh_shape, validate
 
 # Device memory (decimal bytes, as sold) of the kinds a plan is checked against.
 DEVICE_MEMORY = {
