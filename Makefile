@@ -31,15 +31,19 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# Every test, then the docstring examples of the library (they are executed, so they stay true).
+# Test processes (pytest-xdist; each test file runs whole in one of them). Two fit a 2-core,
+# 24 GB machine; more need more cores and ~3 GB of memory each.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# Every test and the docstring examples of the library (they are executed, so they stay true).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --doctest-modules ogpsa_jax
+	$(BIN)/python -m pytest -q $(XDIST) tests ogpsa_jax --doctest-modules
 
 # The unit tests (no end-to-end training runs, no real-model or mesh-equivalence checks): for
 # iteration; `make test` runs everything.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo

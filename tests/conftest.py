@@ -1,5 +1,5 @@
-"""Test set-up: one BLAS thread, 8 virtual CPU devices and a session-wide XLA compilation
-cache, before JAX initialises."""
+"""Test set-up, before JAX initialises: one BLAS thread, 8 virtual CPU devices, a session-wide
+XLA compilation cache and a cheaper CPU code generator; the slow modules are run first."""
 
 import atexit
 import os
@@ -21,6 +21,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# Most of a test's time is XLA compiling many small programs. LLVM optimisation level 0 for the
+# CPU code cuts that by about a quarter (measured on tests/test_train.py's Explicit-mesh runs:
+# 42.7 -> 30.9 CPU s); the HLO passes (sharding, fusion, buffer assignment: what the memory and
+# sharding tests read) are not affected, and the floating-point semantics are the same.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import jax  # noqa: E402
 
@@ -29,6 +37,16 @@ jax.config.update("jax_platforms", "cpu")
 
 
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first (stable within each group): with `pytest -n N --dist
+    loadfile` (`make test`) the long end-to-end modules start at once and the many short unit
+    modules fill in at the end, instead of one long module starting last."""
+    path = lambda item: item.nodeid.split("::")[0]  # noqa: E731
+    slow = {path(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: path(item) not in slow)
+
 
 # Recorded around every executable jit has to obtain, whether the backend compiles it or it is
 # read from the persistent cache above.
