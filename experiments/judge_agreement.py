@@ -8,8 +8,9 @@ false_refusal, false_compliance`` (each rate with a Wilson ``<name>_ci``) for th
 and, as reference points, the six classifiers whose labels ship in the same file; plus the exact
 McNemar test of keyword-v1 against keyword-v2 (which row each gets right) on each split.
 ``--model-judge N`` also measures :class:`~ogpsa_jax.eval.judge.ModelJudge` with the offline
-SmolLM2-135M-Instruct answering the StrongREJECT rubric (``N`` new tokens per answer; slow on a
-CPU: minutes).
+SmolLM2-135M-Instruct answering the StrongREJECT rubric (``N`` new tokens per answer; ~30 min on
+2 CPU cores for N = 384); its rows add ``parsed``, the verdicts that came from a parsed rubric
+answer rather than the keyword fallback.
 
 The held-out half is fixed by ``holdout_split(100, seed=0)``: keyword-v2's anchoring and
 pivot rules were written from the other half. See ``ogpsa_jax.eval.judge_agreement`` for what
@@ -41,6 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def agreement_table(judges: Sequence[Any], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`agreement_rows`, with ``parsed`` added to a `ModelJudge`'s rows: how many of the split's
+    verdicts came from a parsed rubric answer rather than the keyword fallback."""
+    table = agreement_rows(judges, rows)
+    _, held = holdout_split(len(rows))
+    for judge in judges:
+        if isinstance(judge, ModelJudge):
+            for r in table:
+                if r["judge"] == judge.name:
+                    idx = held if r["split"] == "held-out" else range(len(rows))
+                    r["parsed"] = sum(judge.last_parsed[i] for i in idx)
+    return table
+
+
 def measure(model_judge_tokens: int = 0) -> dict[str, Any]:
     """The agreement rows and the keyword-v1 vs keyword-v2 paired test."""
     rows = load_judge_comparison()
@@ -63,7 +78,7 @@ def measure(model_judge_tokens: int = 0) -> dict[str, Any]:
                 name="strongreject-rubric:SmolLM2-135M-Instruct",
             )
         )
-    table = agreement_rows(judges, rows)
+    table = agreement_table(judges, rows)
     _, held = holdout_split(len(rows))
     human = [r["human_majority"] for r in rows]
     v1 = KeywordJudge()([r["goal"] for r in rows], [r["response"] for r in rows])

@@ -307,6 +307,13 @@ def test_model_judge_falls_back_to_keywords_when_unparseable(tok, complier):
     assert [g["judge_output"] for g in grades] == [BENIGN, BENIGN]
     res = ev.judge_refusals(["q1", "q2"], [REFUSALS[0], NON_REFUSALS[0]], judge=judge)
     assert res["refused"] == [True, False] and res["judge"] == "mj"
+    assert judge.last_parsed == [False, False]  # the verdicts were the keyword fallback's
+    # The judge-agreement experiment reports that count per split.
+    from experiments.judge_agreement import agreement_table
+
+    rows = ev.load_judge_comparison()[:4]
+    table = [r for r in agreement_table([judge], rows) if r["judge"] == "mj"]
+    assert [(r["split"], r["n"], r["parsed"]) for r in table] == [("all", 4, 0), ("held-out", 2, 0)]
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -249,7 +249,9 @@ class ModelJudge:
       batch_size: generation batch size.
       name: reported name; default ``"strongreject-rubric:<model class>"``.
 
-    Unparseable answers fall back to :func:`refusal_judge` on the response (counted in a log).
+    Unparseable answers fall back to :func:`refusal_judge` on the response (counted in a log);
+    ``last_parsed`` holds, for each response of the last call, whether its rubric answer was
+    parsed (so a caller can tell the model's verdicts from the fallback's).
 
     Example:
       >>> from transformers import AutoTokenizer
@@ -279,6 +281,7 @@ class ModelJudge:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.name = name or f"strongreject-rubric:{type(model).__name__}"
+        self.last_parsed: list[bool] = []
 
     def grade(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, Any]]:
         """Full rubric grades: dicts from :func:`parse_strongreject_rubric` plus ``parsed``."""
@@ -307,6 +310,7 @@ class ModelJudge:
                 parsed["parsed"] = True
             parsed["judge_output"] = answer
             grades.append(parsed)
+        self.last_parsed = [g["parsed"] for g in grades]
         if failed:
             logger.warning(
                 "%s: %d/%d rubric answers unparseable; used the keyword judge for them",
