@@ -18,6 +18,7 @@ sign, so "the step would raise the reference loss" is undefined per direction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -187,6 +188,20 @@ def project_matrix(
     return jax.tree.unflatten(g_def, out)
 
 
+def _fold_coefficients(
+    grads: optax.Updates,
+    basis: optax.Params,
+    dims: DimsSpec,
+    fold: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """``fold`` over the coefficients ``V^T g`` of every projected leaf, from a float32 zero."""
+    out = jnp.zeros((), _F32)
+    for g, v, axis in _leaves_with_axes(grads, basis, dims)[0]:
+        if v is not None:
+            out = fold(out, _coefficients(g, v, axis)[0])
+    return out
+
+
 def residual_max_matrix(
     grads: optax.Updates, basis: optax.Params, *, dims: DimsSpec = None
 ) -> jax.Array:
@@ -206,11 +221,9 @@ def residual_max_matrix(
       >>> float(residual_max_matrix(g, {"w": jnp.array([[1.0], [0.0]])}))
       3.0
     """
-    out = jnp.zeros((), _F32)
-    for g, v, axis in _leaves_with_axes(grads, basis, dims)[0]:
-        if v is not None:
-            out = jnp.maximum(out, jnp.max(jnp.abs(_coefficients(g, v, axis)[0])))
-    return out
+    return _fold_coefficients(
+        grads, basis, dims, lambda out, c: jnp.maximum(out, jnp.max(jnp.abs(c)))
+    )
 
 
 def span_energy_matrix(
@@ -224,11 +237,7 @@ def span_energy_matrix(
       >>> float(span_energy_matrix(g, {"w": jnp.array([[1.0], [0.0]])}))
       9.0
     """
-    out = jnp.zeros((), _F32)
-    for g, v, axis in _leaves_with_axes(updates, basis, dims)[0]:
-        if v is not None:
-            out = out + jnp.sum(jnp.square(_coefficients(g, v, axis)[0]))
-    return out
+    return _fold_coefficients(updates, basis, dims, lambda out, c: out + jnp.sum(jnp.square(c)))
 
 
 def ogpsa_matrix(
