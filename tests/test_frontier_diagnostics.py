@@ -53,8 +53,10 @@ def test_span_share_flat_and_matrix():
 
 
 def test_placement_after_projects_the_applied_update(tmp_path):
-    before = train("sft", _cfg(), tmp_path / "before", overwrite=True)
-    after = train("sft", _cfg("sft.ogpsa.placement=after"), tmp_path / "after", overwrite=True)
+    span = "sft.ogpsa.update_in_span=true"
+    before = train("sft", _cfg(span), tmp_path / "before", overwrite=True)
+    cfg_after = _cfg("sft.ogpsa.placement=after", span)
+    after = train("sft", cfg_after, tmp_path / "after", overwrite=True)
     mb, ma = _metrics(before.output_dir), _metrics(after.output_dir)
     assert len(mb) == len(ma) == 4
     # AdamW puts part of the removed directions back; projecting its update leaves none
@@ -64,6 +66,12 @@ def test_placement_after_projects_the_applied_update(tmp_path):
     fb = load_file(os.path.join(before.final_dir, "model.safetensors"))
     fa = load_file(os.path.join(after.final_dir, "model.safetensors"))
     assert any(not np.allclose(fb[k], fa[k]) for k in fb)
+    # the metric is opt-in: without it the step computes nothing for it
+    assert "update_in_span" not in _metrics(train("sft", _cfg(), tmp_path / "plain").output_dir)[0]
+    assert (
+        make_optimizer(cfg_after.sft, 4).span_metric
+        and not make_optimizer(_cfg().sft, 4).span_metric
+    )
     opt = make_optimizer(_cfg("sft.ogpsa.placement=after").sft, total_steps=4)
     state = opt.init({"w": jnp.zeros(2)})
     proj, rest = opt.split(state)

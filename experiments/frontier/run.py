@@ -161,17 +161,18 @@ def seed_data(study: Study, seed: int) -> TrainingData:
 
 
 def with_diagnostics(cfg: TrainConfig, kind: str, method: str, diagnose: bool) -> TrainConfig:
-    """A stage config with the method's placement ("-after": Adam-NSCL) and, with ``diagnose``,
-    the first-order check on gradient bases; naive and replay then run as OGPSA with strength 0
-    (the projection removes nothing) so that they log the same diagnostics.
+    """A stage config with the method's placement ("-after": Adam-NSCL), ``update_in_span``
+    logged for every method with a basis, and, with ``diagnose``, the first-order check on
+    gradient bases; naive and replay then run as OGPSA with strength 0 (the projection removes
+    nothing) so that they log the same diagnostics.
 
     Example:
         >>> from ogpsa_jax.train import TrainConfig
         >>> c = with_diagnostics(TrainConfig(), "sft", "ogpsa-after", diagnose=True)
-        >>> c.sft.ogpsa.placement, c.sft.ogpsa.first_order
-        ('after', True)
+        >>> c.sft.ogpsa.placement, c.sft.ogpsa.first_order, c.sft.ogpsa.update_in_span
+        ('after', True, True)
         >>> c = with_diagnostics(TrainConfig(), "sft", "naive", diagnose=False)
-        >>> c.sft.ogpsa == TrainConfig().sft.ogpsa
+        >>> dataclasses.replace(c.sft.ogpsa, update_in_span=False) == TrainConfig().sft.ogpsa
         True
     """
     stage = getattr(cfg, kind)
@@ -180,6 +181,8 @@ def with_diagnostics(cfg: TrainConfig, kind: str, method: str, diagnose: bool) -
         og = dataclasses.replace(og, placement="after")
     if diagnose and method in ("naive", "replay"):
         og = dataclasses.replace(og, enabled=True, strength=0.0)
+    if og.enabled:  # the study logs update_in_span for every run with a basis
+        og = dataclasses.replace(og, update_in_span=True)
     if diagnose and og.enabled and og.method != "activation" and not cfg.model.lora.rank:
         og = dataclasses.replace(og, first_order=True)
     return dataclasses.replace(cfg, **{kind: dataclasses.replace(stage, ogpsa=og)})

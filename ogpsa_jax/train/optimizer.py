@@ -100,6 +100,7 @@ class Optimizer(NamedTuple):
     projection: optax.GradientTransformation | None  # tx's first element; None: OGPSA off
     rest: optax.GradientTransformation  # the chain of tx's other elements (clip, adamw/sgd)
     after: bool = False  # the projection is tx's LAST element (placement "after" AdamW)
+    span_metric: bool = False  # the step logs update_in_span (ogpsa.update_in_span)
 
     @classmethod
     def chain(
@@ -192,12 +193,13 @@ def make_optimizer(stage: StageConfig, total_steps: int) -> Optimizer:
     )
     flat = og.method in FLAT_METHODS
     projection = ogpsa(og.k, **common) if flat else ogpsa_matrix(og.k, **common)
+    span = og.update_in_span
     if og.placement == "after":  # Adam-NSCL: project the update AdamW (or SGD) computed
         rest = optax.chain(*rest_parts)
         tx_after = optax.chain(*rest_parts, projection)
-        return Optimizer(tx=tx_after, projection=projection, rest=rest, after=True)
+        return Optimizer(tx_after, projection, rest, after=True, span_metric=span)
     if stage.optimizer == "sgd":
-        return Optimizer.chain(projection, *rest_parts)
+        return Optimizer.chain(projection, *rest_parts)._replace(span_metric=span)
     alias = ogpsa_adamw if flat else ogpsa_matrix_adamw
     tx = alias(
         schedule,
@@ -209,4 +211,4 @@ def make_optimizer(stage: StageConfig, total_steps: int) -> Optimizer:
         weight_decay=stage.weight_decay,
         **common,
     )
-    return Optimizer(tx=tx, projection=projection, rest=optax.chain(*rest_parts))
+    return Optimizer(tx, projection, optax.chain(*rest_parts), span_metric=span)

@@ -132,6 +132,10 @@ class OGPSAConfig:
     # refresh against its first-order prediction <g_ref, delta params> (keeps a copy of the
     # parameters and of the reference gradient between refreshes).
     first_order: bool = False
+    # Log update_in_span every step: the share of the update AdamW applied that lies in the
+    # capability span (one more pass over the update and the basis per step; on XLA:CPU a
+    # 7B step with a bfloat16 basis held a float32 copy of it for this, 3.8 GB per device).
+    update_in_span: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

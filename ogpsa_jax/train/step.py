@@ -251,7 +251,8 @@ def make_train_step(micro_loss: MicroLoss, optimizer: Optimizer) -> Callable:
     Returns:
         The step function. Its metrics: ``loss``, ``grad_norm`` (before the projection),
         ``proj_grad_norm`` (after), ``frac_removed``, ``residual_max``, ``update_norm``,
-        ``update_in_span`` (share of the applied update in the capability span),
+        ``update_in_span`` (share of the applied update in the capability span; only with
+        ``ogpsa.update_in_span``),
         ``skipped``, ``first_nonfinite_leaf``, ``count``, and the micro loss's aux means.
     """
 
@@ -303,12 +304,12 @@ def apply_accumulated(
         # what the projected gradient still has along the protected directions (about 0)
         "residual_max": residual_max(updates if optimizer.after else pg, opt_state),
         "update_norm": jnp.sqrt(_sq_norm(updates)),
-        # share of the applied update (after AdamW) in the capability span
-        "update_in_span": span_share(updates, opt_state),
         "skipped": 1 - ok.astype(jnp.int32),
         "first_nonfinite_leaf": first_bad.astype(jnp.int32),
         "count": count,
     }
+    if optimizer.span_metric:  # share of the applied update (after AdamW) in the span
+        metrics["update_in_span"] = span_share(updates, opt_state)
     for key, value in aux_sum.items():
         metrics[key] = value / jnp.maximum(count, 1.0)
     return new_params, new_opt, metrics
