@@ -7,7 +7,9 @@ time it takes.
 ``N`` prompts (a seeded sample of the IFBench prompts whose checkers run offline; ``--prompts 0``
 takes all of them) answered with up to ``L`` new tokens (chat template, greedy), scored by the
 ``if-verifiable`` checker: prompt- and instruction-level, strict and loose. The instruction types
-left out (their NLTK data is not installed) are written beside the scores.
+left out (their NLTK data is not installed) are written beside the scores, and so are the scores
+of the one-word answer "hello" to every prompt: many IFBench checkers accept a very short answer
+(an upper limit on words, sentences or repeats), so that is the floor to read a model against.
 
 Example:
     >>> _parser().parse_args(["--prompts", "8"]).prompts
@@ -32,11 +34,15 @@ from ogpsa_jax.eval.ifbench import (
     IFBENCH_ROWS,
     evaluate_ifbench,
     load_ifbench,
+    score_ifbench,
     unavailable_instructions,
 )
 from ogpsa_jax.experiment.timing import load_average, machine_info
 
 logger = logging.getLogger(__name__)
+
+ONE_WORD_ANSWER = "hello"
+SCORES = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,12 +65,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pick = np.random.default_rng(0).choice(len(rows), size=args.prompts, replace=False)
         rows = [rows[i] for i in sorted(pick)]
     model, tok = load_start_model()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = evaluate_ifbench(
         model, tok, rows, max_new_tokens=args.tokens, batch_size=args.batch, progress=False
     )
     out = answer_summary(tok, res, args.tokens, time.perf_counter() - t0)
+    out["cpu_seconds"] = time.process_time() - c0  # all threads of this process
     out["keys"] = [r["key"] for r in rows]
+    # the floor to read the scores against: the one-word answer "hello" to every prompt
+    floor = score_ifbench(rows, [ONE_WORD_ANSWER] * len(rows))
+    out["one_word_answer"] = {k: floor[k] for k in SCORES}
     logger.info("IFBench: %s", {k: v for k, v in out.items() if k != "keys"})
     return {
         "model": MODEL,

@@ -175,6 +175,9 @@ def test_start_model_ifbench_experiment(monkeypatch, tmp_path):
     res = json.loads(out.read_text())
     assert res["ifbench"]["n_prompts"] == 3 and len(res["ifbench"]["keys"]) == 3
     assert res["ifbench"]["answers_at_max_length"] <= 3
+    rows = [r for r in ev.load_ifbench() if r["key"] in set(res["ifbench"]["keys"])]
+    floor = ev.score_ifbench(rows, ["hello"] * 3)
+    assert res["ifbench"]["one_word_answer"]["inst_loose"] == floor["inst_loose"]
     assert res["prompts_checkable_offline"] == len(ev.load_ifbench())
     assert set(res["left_out_types"]) == set(ev.unavailable_instructions())
     assert exp.main(["--tokens", "0", "--out", str(out)]) == 2  # a named usage error
