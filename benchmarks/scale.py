@@ -263,17 +263,18 @@ def predicted(
 ) -> dict:
     """Roofline times: OGPSA's share of the step, and the refresh amortised at its interval."""
     st = getattr(config, kind)
-    micro = cached((name, kind, n, remat, "micro"), micro_batch_cost, kind, config, mesh)
+    rank = config.model.lora.rank  # LoRA programs differ from full fine-tuning's: own keys
+    micro = cached((name, kind, n, remat, rank, "micro"), micro_batch_cost, kind, config, mesh)
     off = dataclasses.replace(st, ogpsa=dataclasses.replace(st.ogpsa, enabled=False))
     config_off = dataclasses.replace(config, **{kind: off})
-    u_off = cached((name, kind, n, "update_off"), update_cost, kind, config_off, mesh)
+    u_off = cached((name, kind, n, rank, "update_off"), update_cost, kind, config_off, mesh)
     out: dict[str, Any] = {}
     for hw, roof in HARDWARE.items():
         plain = roof.seconds(micro) * st.accum_steps + roof.seconds(u_off)
         out[f"step_s_{hw}"] = plain
         if stage == "refresh":
             ref_batch, basis, batches = cached(
-                (name, kind, n, remat, st.ogpsa.method, st.ogpsa.k, "refresh"),
+                (name, kind, n, remat, rank, st.ogpsa.method, st.ogpsa.k, "refresh"),
                 refresh_cost,
                 kind,
                 config,
@@ -283,7 +284,8 @@ def predicted(
             out[f"refresh_s_{hw}"] = refresh_s
             out[f"refresh_amortised_{hw}"] = refresh_s / (st.ogpsa.refresh_every * plain)
         elif st.ogpsa.enabled:
-            key = (name, kind, n, st.ogpsa.method, st.ogpsa.k, st.ogpsa.basis_dtype, "update")
+            og = st.ogpsa
+            key = (name, kind, n, rank, og.method, og.k, og.basis_dtype, "update")
             update = cached(key, update_cost, kind, config, mesh)
             out[f"predicted_overhead_{hw}"] = (roof.seconds(update) - roof.seconds(u_off)) / plain
         else:
