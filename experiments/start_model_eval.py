@@ -154,19 +154,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the measurement and writes the JSON; returns the exit status."""
-    args = _parser().parse_args(argv)
+def measure(args: argparse.Namespace, bad: str | None, run_fn: Any) -> int:
+    """A measurement script's body: log setup, ``bad`` (a usage error) -> exit 2, else
+    ``run_fn(args)`` written as JSON to ``args.out``; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
-    if args.ifeval < 1 or args.ifeval_tokens < 1 or args.mc_limit < 1:
-        sys.stderr.write("--ifeval, --ifeval-tokens and --mc-limit must be >= 1\n")
+    if bad:
+        sys.stderr.write(bad + "\n")
         return 2
-    out = run(args)
+    out = run_fn(args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the measurement and writes the JSON; returns the exit status."""
+    args = _parser().parse_args(argv)
+    ok = args.ifeval >= 1 and args.ifeval_tokens >= 1 and args.mc_limit >= 1
+    return measure(
+        args, None if ok else "--ifeval, --ifeval-tokens and --mc-limit must be >= 1", run
+    )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.start_model_eval import MODEL, answer_summary, load_start_model
+from experiments.start_model_eval import MODEL, answer_summary, load_start_model, measure
 from ogpsa_jax.eval.ifbench import (
     IFBENCH_ROWS,
     evaluate_ifbench,
@@ -92,16 +90,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the measurement and writes the JSON; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
-    if args.prompts < 0 or args.tokens < 1 or args.batch < 1:
-        sys.stderr.write("--prompts must be >= 0, --tokens and --batch >= 1\n")
-        return 2
-    out = run(args)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    return 0
+    ok = args.prompts >= 0 and args.tokens >= 1 and args.batch >= 1
+    return measure(args, None if ok else "--prompts must be >= 0, --tokens and --batch >= 1", run)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -290,3 +290,30 @@ def generate_responses(
         **kwargs,
     )
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+def answer_and_score(
+    model: nnx.Module,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    score: Any,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None,
+    progress: bool | str,
+) -> dict[str, Any]:
+    """Greedy answers (chat template) to the rows' prompts, scored by ``score(rows,
+    responses)``: the shared body of the instruction-following evaluators. Bad rows raise from
+    ``score(rows, [""] * n)`` before anything is generated."""
+    score(rows, [""] * len(rows))
+    responses = generate_responses(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        progress=progress,
+    )
+    return {**score(rows, responses), "responses": responses, "max_new_tokens": max_new_tokens}

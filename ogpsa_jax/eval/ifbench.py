@@ -52,7 +52,7 @@ from typing import Any
 from flax import nnx
 
 from ogpsa_jax.eval import carriers
-from ogpsa_jax.eval.generation import generate_responses
+from ogpsa_jax.eval.generation import answer_and_score
 from ogpsa_jax.eval.ifeval import ifeval_outcomes, punkt_data_dir
 from ogpsa_jax.eval.stats import rate_summary
 
@@ -327,18 +327,13 @@ def evaluate_ifbench(
       >>> evaluate_ifbench(model, tok, load_ifbench(limit=8))["prompt_loose"]  # doctest: +SKIP
       0.125
     """
-    score_ifbench(rows, [""] * len(rows))  # bad rows: a named error before any generation
-    responses = generate_responses(
+    return answer_and_score(
         model,
         tokenizer,
-        [r["prompt"] for r in rows],
+        rows,
+        score_ifbench,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         system_prompt=system_prompt,
         progress="IFBench" if progress is True else progress,
     )
-    return {
-        **score_ifbench(rows, responses),
-        "responses": responses,
-        "max_new_tokens": max_new_tokens,
-    }

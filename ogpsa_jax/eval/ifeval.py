@@ -50,7 +50,7 @@ from typing import Any
 from flax import nnx
 
 from ogpsa_jax.eval import carriers
-from ogpsa_jax.eval.generation import generate_responses
+from ogpsa_jax.eval.generation import answer_and_score
 from ogpsa_jax.eval.stats import rate_summary
 
 logger = logging.getLogger(__name__)
@@ -364,15 +364,13 @@ def evaluate_ifeval(
       >>> evaluate_ifeval(model, tok, load_ifeval(limit=8))["prompt_strict"]  # doctest: +SKIP
       0.25
     """
-    texts = [r["prompt"] for r in rows]
-    responses = generate_responses(
+    return answer_and_score(
         model,
         tokenizer,
-        texts,
+        rows,
+        score_ifeval,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         system_prompt=system_prompt,
         progress="IFEval" if progress is True else progress,
     )
-    res = score_ifeval(rows, responses)
-    return {**res, "responses": responses, "max_new_tokens": max_new_tokens}
