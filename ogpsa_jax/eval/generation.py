@@ -296,6 +296,7 @@ def answer_and_score(
     model: nnx.Module,
     tokenizer: Any,
     rows: Sequence[Mapping[str, Any]],
+    check: Any,
     score: Any,
     *,
     max_new_tokens: int,
@@ -304,9 +305,9 @@ def answer_and_score(
     progress: bool | str,
 ) -> dict[str, Any]:
     """Greedy answers (chat template) to the rows' prompts, scored by ``score(rows,
-    responses)``: the shared body of the instruction-following evaluators. Bad rows raise from
-    ``score(rows, [""] * n)`` before anything is generated."""
-    score(rows, [""] * len(rows))
+    responses)``: the shared body of the instruction-following evaluators. ``check(rows)``
+    raises for bad rows before anything is generated."""
+    check(rows)
     responses = generate_responses(
         model,
         tokenizer,

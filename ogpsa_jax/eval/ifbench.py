@@ -53,8 +53,7 @@ from flax import nnx
 
 from ogpsa_jax.eval import carriers
 from ogpsa_jax.eval.generation import answer_and_score
-from ogpsa_jax.eval.ifeval import ifeval_outcomes, punkt_data_dir
-from ogpsa_jax.eval.stats import rate_summary
+from ogpsa_jax.eval.ifeval import punkt_data_dir, summarise_verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +225,36 @@ def official_ifbench_checker() -> types.SimpleNamespace:
     )
 
 
+def check_ifbench_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+    """A ValueError for a row without a field, with ids and kwargs of unequal length, or with an
+    unknown instruction type or one whose NLTK data is missing.
+
+    Example:
+      >>> check_ifbench_rows([{"prompt": "p", "instruction_id_list": ["no:such"], "kwargs": [{}]}])
+      Traceback (most recent call last):
+      ...
+      ValueError: IFBench row 0: unknown instruction types ['no:such']
+    """
+    checker = official_ifbench_checker()
+    missing = unavailable_instructions()
+    for i, row in enumerate(rows):
+        for field in ("prompt", "instruction_id_list", "kwargs"):
+            if field not in row:
+                raise ValueError(f"IFBench row {i} has no {field!r} field (see load_ifbench)")
+        if len(row["instruction_id_list"]) != len(row["kwargs"]) or not row["kwargs"]:
+            raise ValueError(f"IFBench row {i}: instruction_id_list and kwargs differ in length")
+        unknown = [x for x in row["instruction_id_list"] if x not in checker.registry]
+        if unknown:
+            raise ValueError(f"IFBench row {i}: unknown instruction types {unknown}")
+        blocked = {x: missing[x] for x in row["instruction_id_list"] if x in missing}
+        if blocked:
+            raise ValueError(
+                f"IFBench row {i}: instruction types {sorted(blocked)} need NLTK data "
+                f"{sorted(set(blocked.values()))}, which is not installed (load_ifbench leaves "
+                "such prompts out)"
+            )
+
+
 def score_ifbench(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> dict[str, Any]:
     """IFBench scores of given responses with the carrier's checker (no model).
 
@@ -250,24 +279,8 @@ def score_ifbench(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -
     """
     if len(rows) != len(responses):
         raise ValueError(f"{len(rows)} IFBench rows but {len(responses)} responses")
+    check_ifbench_rows(rows)
     checker = official_ifbench_checker()
-    missing = unavailable_instructions()
-    for i, row in enumerate(rows):
-        for field in ("prompt", "instruction_id_list", "kwargs"):
-            if field not in row:
-                raise ValueError(f"IFBench row {i} has no {field!r} field (see load_ifbench)")
-        if len(row["instruction_id_list"]) != len(row["kwargs"]) or not row["kwargs"]:
-            raise ValueError(f"IFBench row {i}: instruction_id_list and kwargs differ in length")
-        unknown = [x for x in row["instruction_id_list"] if x not in checker.registry]
-        if unknown:
-            raise ValueError(f"IFBench row {i}: unknown instruction types {unknown}")
-        blocked = {x: missing[x] for x in row["instruction_id_list"] if x in missing}
-        if blocked:
-            raise ValueError(
-                f"IFBench row {i}: instruction types {sorted(blocked)} need NLTK data "
-                f"{sorted(set(blocked.values()))}, which is not installed (load_ifbench leaves "
-                "such prompts out)"
-            )
     per_prompt = []
     for row, response in zip(rows, responses, strict=True):
         state = random.getstate()
@@ -288,14 +301,7 @@ def score_ifbench(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -
         per_prompt.append(
             {"strict": all(strict), "loose": all(loose), "inst_strict": strict, "inst_loose": loose}
         )
-    out: dict[str, Any] = {}
-    for name, values in ifeval_outcomes(per_prompt).items():
-        s = rate_summary(values)
-        out[name], out[f"{name}_ci"] = s["rate"], s["ci"]
-    out["n_prompts"] = len(per_prompt)
-    out["n_instructions"] = sum(len(p["inst_strict"]) for p in per_prompt)
-    out["per_prompt"] = per_prompt
-    return out
+    return summarise_verdicts(per_prompt)
 
 
 def evaluate_ifbench(
@@ -331,6 +337,7 @@ def evaluate_ifbench(
         model,
         tokenizer,
         rows,
+        check_ifbench_rows,
         score_ifbench,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,

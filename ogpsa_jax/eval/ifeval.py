@@ -268,6 +268,25 @@ def ifeval_outcomes(per_prompt: Sequence[Mapping[str, Any]]) -> dict[str, list[b
     }
 
 
+def check_ifeval_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+    """A ValueError for a row without a field or with an unknown instruction id.
+
+    Example:
+      >>> check_ifeval_rows([{"prompt": "p", "instruction_id_list": ["no:such"], "kwargs": [{}]}])
+      Traceback (most recent call last):
+      ...
+      ValueError: IFEval row 0: unknown instruction ids ['no:such']
+    """
+    registry = official_checker().instructions_registry.INSTRUCTION_DICT
+    for i, row in enumerate(rows):
+        for field in ("prompt", "instruction_id_list", "kwargs"):
+            if field not in row:
+                raise ValueError(f"IFEval row {i} has no {field!r} field")
+        unknown = [x for x in row["instruction_id_list"] if x not in registry]
+        if unknown:
+            raise ValueError(f"IFEval row {i}: unknown instruction ids {unknown}")
+
+
 def score_ifeval(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> dict[str, Any]:
     """IFEval scores of given responses with the official checker (no model).
 
@@ -288,15 +307,8 @@ def score_ifeval(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) ->
     """
     if len(rows) != len(responses):
         raise ValueError(f"{len(rows)} IFEval rows but {len(responses)} responses")
+    check_ifeval_rows(rows)
     ev = official_checker()
-    registry = ev.instructions_registry.INSTRUCTION_DICT
-    for i, row in enumerate(rows):
-        for field in ("prompt", "instruction_id_list", "kwargs"):
-            if field not in row:
-                raise ValueError(f"IFEval row {i} has no {field!r} field")
-        unknown = [x for x in row["instruction_id_list"] if x not in registry]
-        if unknown:
-            raise ValueError(f"IFEval row {i}: unknown instruction ids {unknown}")
     per_prompt = []
     for row, response in zip(rows, responses, strict=True):
         inp = ev.InputExample(
@@ -325,6 +337,12 @@ def score_ifeval(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) ->
                 "inst_loose": [bool(x) for x in loose.follow_instruction_list],
             }
         )
+    return summarise_verdicts(per_prompt)
+
+
+def summarise_verdicts(per_prompt: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The four scores of per-prompt verdicts (`ifeval_outcomes`), each with its Wilson 95%
+    interval, the counts and the verdicts: what IFEval's and IFBench's scorers return."""
     out: dict[str, Any] = {}
     for name, values in ifeval_outcomes(per_prompt).items():
         s = rate_summary(values)
@@ -368,6 +386,7 @@ def evaluate_ifeval(
         model,
         tokenizer,
         rows,
+        check_ifeval_rows,
         score_ifeval,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
