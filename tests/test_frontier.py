@@ -238,7 +238,20 @@ def test_merge_parts_run_apart(tiny_study, tmp_path):
     assert merged["summary"] == result["summary"]
     assert len(merged["runs"]) == len(result["runs"])
     assert merged["meta"]["seeds_done"] == [0, 1] and len(merged["meta"]["parts"]) == 2
-    assert main(["--merge", dirs[0], dirs[0], "--out", str(tmp_path / "bad")]) == 2
+    # A point two parts both evaluated is kept once when its results agree (times aside), and
+    # is an error when they differ.
+    again = json.loads((tmp_path / "part0" / "results.json").read_text())
+    for row in again["runs"]:
+        row["eval_seconds"] = row.get("eval_seconds", 0) + 1.0
+    twice = tmp_path / "again"
+    twice.mkdir()
+    (twice / "results.json").write_text(json.dumps(again))
+    assert main(["--merge", *dirs, str(twice), "--out", str(tmp_path / "merged2")]) == 0
+    merged2 = json.loads((tmp_path / "merged2" / "results.json").read_text())
+    assert merged2["runs"] == merged["runs"] and merged2["summary"] == result["summary"]
+    next(r for r in again["runs"] if r["method"] != "start")["safety"] += 0.5
+    (twice / "results.json").write_text(json.dumps(again))
+    assert main(["--merge", *dirs, str(twice), "--out", str(tmp_path / "bad")]) == 2
     other = json.loads((tmp_path / "part1" / "results.json").read_text())
     other["meta"]["settings"]["sft_lr"] = 1.0
     (tmp_path / "part1" / "results.json").write_text(json.dumps(other))

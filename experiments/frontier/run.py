@@ -397,6 +397,10 @@ def write_frontier(out_dir: str, result: dict[str, Any]) -> dict[str, str]:
     return paths
 
 
+# Fields of a results row that describe how it was obtained, not what was measured.
+_NOT_RESULTS = {"eval_seconds", "note"}
+
+
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One study from parts run apart (e.g. seeds on different machines): the rows of every part
     (one ``start`` row: the first part's), the summary recomputed (a method's ``seeds`` are those
@@ -411,8 +415,10 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
     Raises:
         ValueError: when parts differ in a setting other than seeds and runs, share a point
-            (method, pipeline, seed, knob value), or their start rows differ (then the parts did
-            not evaluate the same model on the same sets).
+            (method, pipeline, seed, knob value) with other results (a point both parts
+            evaluated is kept once: runs reproduce exactly, so its results agree field for
+            field, times and notes aside), or their start rows differ (then the parts did not
+            evaluate the same model on the same sets).
 
     Example:
         >>> start = {"method": "start", "pipeline": "none", "seed": -1, "knob_value": 0,
@@ -423,6 +429,8 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         >>> merged = merge_results([part(0), part(1)])
         >>> len(merged["runs"]), merged["meta"]["seeds_done"]
         (3, [0, 1])
+        >>> len(merge_results([part(0), part(1), part(1)])["runs"])  # evaluated twice, alike
+        3
     """
     if not parts:
         raise ValueError("merge_results: no parts")
@@ -436,11 +444,19 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("safety", "capability", "over_refusal", "drift")
     if any(any(s.get(k) != starts[0].get(k) for k in keys) for s in starts[1:]):
         raise ValueError("merge_results: the parts' start rows differ (not the same model or sets)")
-    runs = [starts[0]] + [r for p in parts for r in p["runs"] if r["method"] != "start"]
-    points = [(r["method"], r["pipeline"], r["seed"], r["knob_value"]) for r in runs]
-    twice = sorted({p for p in points if points.count(p) > 1})
-    if twice:
-        raise ValueError(f"merge_results: points in several parts, e.g. {twice[0]}")
+    runs, seen = [starts[0]], {}
+    for row in (r for p in parts for r in p["runs"] if r["method"] != "start"):
+        point = (row["method"], row["pipeline"], row["seed"], row["knob_value"])
+        if point not in seen:
+            seen[point] = row
+            runs.append(row)
+            continue
+        first, fields = seen[point], (row.keys() | seen[point].keys()) - _NOT_RESULTS
+        differ = sorted(k for k in fields if row.get(k) != first.get(k))
+        if differ:
+            raise ValueError(
+                f"merge_results: point {point} is in several parts with different {differ}"
+            )
     seeds = sorted({s for p in parts for s in p["meta"]["seeds_done"]})
     meta = dict(parts[0]["meta"])
     meta["seeds_done"] = seeds
