@@ -31,14 +31,16 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# Test processes (pytest-xdist; each test file runs whole in one of them). Two fit a 2-core,
-# 24 GB machine; more need more cores and ~3 GB of memory each.
-TEST_WORKERS ?= 2
+# Test processes (pytest-xdist; each test file runs whole in one of them), ~3 GB of memory each.
+# Three on a 2-core machine keep both cores busy while a process waits (subprocess start-up,
+# checkpoint writes, the multi-process tests' peers).
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# Every test and the docstring examples of the library (they are executed, so they stay true).
+# Every test and the docstring examples of the library and the experiments (they are executed,
+# so they stay true).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(XDIST) tests ogpsa_jax --doctest-modules
+	$(BIN)/python -m pytest -q $(XDIST) tests ogpsa_jax experiments --doctest-modules
 
 # The unit tests (no end-to-end training runs, no real-model or mesh-equivalence checks): for
 # iteration; `make test` runs everything.
