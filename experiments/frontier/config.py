@@ -1,10 +1,9 @@
 """The frontier study's configuration: `FrontierConfig` (the demo's fields plus seeds, the points
 of each curve and the reference set), its presets and its validation.
 
-Presets: `default_config` (the full study: 3 seeds, every method, SFT and SFT->DPO; planned at
-about 2 hours on an idle 2-core CPU, see docs/frontier.md), `reduced_config` (what
-results/frontier/ holds: SFT only, fewer methods) and `tiny_config` (the tiny random
-model; seconds; used by the tests).
+Presets: `default_config` (the full study that results/frontier/ holds: 3 seeds, every method,
+SFT and SFT->DPO; its measured cost is in docs/frontier.md), `reduced_config` (SFT only, fewer
+methods) and `tiny_config` (the tiny random model; seconds; used by the tests).
 
 Example:
     >>> tiny_config().seeds
@@ -62,11 +61,12 @@ class FrontierConfig(demo.DemoConfig):
 
 
 def default_config() -> FrontierConfig:
-    """The full study: 3 seeds; SFT with every method, SFT->DPO with naive, the paper's basis,
-    GPM, the AlpacaEval reference and weight averaging; the set sizes and steps whose costs
-    were measured (docs/frontier.md: grid, measured costs, about 2 hours on 2 idle cores)."""
-    sft = ("naive", "ogpsa", "ogpsa-svd", "ogpsa-gpm", "replay", "lora", "ogpsa-lora")
-    sft_dpo = ("naive", "ogpsa", "ogpsa-gpm", "ogpsa-alpaca", WEIGHT_AVG)
+    """The full study: 3 seeds; SFT with every method, SFT->DPO with naive, the paper's basis
+    (projected before and after AdamW), GPM, the AlpacaEval reference and weight averaging; the
+    set sizes and steps whose costs were measured (docs/frontier.md: grid, measured costs)."""
+    sft = ("naive", "ogpsa", "ogpsa-after", "ogpsa-svd", "ogpsa-gpm", "replay", "lora")
+    sft = (*sft, "ogpsa-lora")
+    sft_dpo = ("naive", "ogpsa", "ogpsa-after", "ogpsa-gpm", "ogpsa-alpaca", WEIGHT_AVG)
     runs = tuple(f"{m}:sft" for m in (*sft, "ogpsa-alpaca", WEIGHT_AVG))
     return FrontierConfig(
         runs=runs + tuple(f"{m}:sft-dpo" for m in sft_dpo),
@@ -89,8 +89,8 @@ def default_config() -> FrontierConfig:
 
 
 def reduced_config() -> FrontierConfig:
-    """What results/frontier/ was run with: the full study's sizes, SFT only, four trained
-    methods and weight averaging (results/frontier/README.md gives the seeds each part ran)."""
+    """The full study's sizes, SFT only, four trained methods and weight averaging: the
+    study's quick subset."""
     return dataclasses.replace(
         default_config(),
         runs=("naive:sft", "ogpsa:sft", "ogpsa-alpaca:sft", "ogpsa-gpm:sft", "weight-avg:sft"),
