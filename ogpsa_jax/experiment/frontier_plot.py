@@ -22,6 +22,8 @@ import numpy as np
 COLOURS = {
     "naive": "tab:red",
     "ogpsa": "tab:green",
+    "ogpsa-after": "darkgreen",
+    "ogpsa-gpm-after": "navy",
     "ogpsa-alpaca": "tab:olive",
     "ogpsa-svd": "tab:cyan",
     "ogpsa-gpm": "tab:blue",
