@@ -108,8 +108,9 @@ def table(rows: list[dict]) -> str:
             f"{100 * r[f'refresh_amortised_{hw}']:.1f}%" for hw in ("h200", "tpu-v5p")
         ) if "refresh_amortised_h200" in r else ""  # fmt: skip
         refresh_s = f"{r['refresh_s_h200']:.1f}" if "refresh_s_h200" in r else ""
+        estimator = r["estimator"] or r["method"]  # LoRA: the adapters' basis; k = their rank
         out.append(
-            f"| {r['preset'].split('_paper')[0]} | {r['devices']} | {r['estimator']} | {r['k']} "
+            f"| {r['preset'].split('_paper')[0]} | {r['devices']} | {estimator} | {r['k']} "
             f"| {r['remat']} | **{gb(r['peak_bytes_per_device'])}** | {gb(temps)} | {fits} "
             f"| {refresh_s} | {amort} |"
         )
