@@ -345,8 +345,9 @@ def test_nonfinite_stop_names_step_and_path(tmp_path):
 # produce the shardings they promise. The same runs on Auto axes are the reference (same math in
 # other reduction orders): metrics to 1e-4 relative, params to 3e-4 (a tenth of one SFT step's
 # learning rate, 3e-3; measured differences up to 7e-5).
-# Between them the two runs cover the three kinds of basis refresh: an activation basis (its
-# capture program) in SFT and a Gram-Schmidt flat basis in DPO, a per-matrix gradient basis.
+# Between them the two runs cover the three kinds of basis refresh: the first an activation
+# basis (its capture program) in SFT and a Gram-Schmidt flat basis in DPO, the second a
+# per-matrix gradient basis.
 @pytest.mark.parametrize(
     "command,extra",
     [

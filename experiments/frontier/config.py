@@ -64,8 +64,16 @@ def default_config() -> FrontierConfig:
     """The full study: 3 seeds; SFT with every method, SFT->DPO with naive, the paper's basis
     (projected before and after AdamW), GPM, the AlpacaEval reference and weight averaging; the
     set sizes and steps whose costs were measured (docs/frontier.md: grid, measured costs)."""
-    sft = ("naive", "ogpsa", "ogpsa-after", "ogpsa-svd", "ogpsa-gpm", "replay", "lora")
-    sft = (*sft, "ogpsa-lora")
+    sft = (
+        "naive",
+        "ogpsa",
+        "ogpsa-after",
+        "ogpsa-svd",
+        "ogpsa-gpm",
+        "replay",
+        "lora",
+        "ogpsa-lora",
+    )
     sft_dpo = ("naive", "ogpsa", "ogpsa-after", "ogpsa-gpm", "ogpsa-alpaca", WEIGHT_AVG)
     runs = tuple(f"{m}:sft" for m in (*sft, "ogpsa-alpaca", WEIGHT_AVG))
     return FrontierConfig(
