@@ -20,7 +20,12 @@ from typing import Any
 
 from experiments.demo.config import PRESETS, validate
 from experiments.demo.run import run_demo
-from ogpsa_jax.experiment.entry import configured, experiment_parser
+from ogpsa_jax.experiment.entry import (
+    compilation_cache,
+    configured,
+    experiment_parser,
+    output_dirs,
+)
 from ogpsa_jax.experiment.report import run_label
 
 PROG = "python -m experiments.demo"
@@ -75,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = configured(args, PRESETS, validate, PROG)
     if config is None:
         return 2
+    compilation_cache(output_dirs(args.out, args.cache)[1])
     result = run_demo(config, args.out, args.cache)
     sys.stdout.write(summary(result) + "\n")
     return 0

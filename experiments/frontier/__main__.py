@@ -23,7 +23,12 @@ from collections.abc import Sequence
 
 from experiments.frontier.config import PRESETS, validate
 from experiments.frontier.run import merge_results, run_frontier, write_frontier
-from ogpsa_jax.experiment.entry import configured, experiment_parser
+from ogpsa_jax.experiment.entry import (
+    compilation_cache,
+    configured,
+    experiment_parser,
+    output_dirs,
+)
 
 PROG = "python -m experiments.frontier"
 
@@ -63,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = configured(args, PRESETS, validate, PROG)
     if config is None:
         return 2
+    compilation_cache(output_dirs(args.out, args.cache)[1])
     result = run_frontier(config, args.out, args.cache)
     for key, s in result["summary"].items():
         sys.stdout.write(

@@ -51,6 +51,10 @@ class FrontierConfig(demo.DemoConfig):
     # (ogpsa.first_order), and naive / replay as OGPSA with strength 0 (the same training; their
     # basis refreshes cost time) so that they log it and update_in_span too.
     diagnose: bool = False
+    # Keep each run's intermediate exports (step-N/, ~0.5 GB each for SmolLM2-135M) after their
+    # point is evaluated. Off, they are deleted once evaluated: the full study then needs
+    # ~1 GB per run instead of ~1.5 GB, and a rerun retrains a run whose exports are gone.
+    keep_exports: bool = True
     # Methods with a "-alpaca" suffix use AlpacaEval's instructions and written answers as the
     # capability reference (load_prompt_set("alpaca_reference")) instead of the starting
     # model's own answers to benign prompts; "-after" places the projection after AdamW
@@ -93,6 +97,7 @@ def default_config() -> FrontierConfig:
         dpo_steps=12,
         dpo_points=(4, 8, 12),
         alphas=(0.25, 0.5, 0.75),
+        keep_exports=False,
     )
 
 

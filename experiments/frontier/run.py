@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,7 @@ class Study:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     outcomes: dict[str, Any] = dataclasses.field(default_factory=dict)
     breakdown: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    trained: set[str] = dataclasses.field(default_factory=set)  # run folders of this study
 
 
 def evaluate_point(study: Study, model: Any, **row: Any) -> dict[str, Any]:
@@ -211,9 +213,16 @@ def train_points(
     cfg = with_diagnostics(cfg, kind, method, ctx.config.diagnose)
     stamp = targets.cache_key(path, *reference, init_dir, json.dumps(points))
     run_dir = os.path.join(ctx.cache_dir, "runs", f"{method}-{tag}-seed{seed}-{stamp[:8]}")
+    exports = [os.path.join(run_dir, f"step-{p}") for p in points[:-1]]
+    finished = os.path.isfile(os.path.join(run_dir, "done.json"))
+    if finished and run_dir not in study.trained and not all(os.path.isdir(e) for e in exports):
+        # an earlier study's run whose intermediate exports were deleted (keep_exports off)
+        logger.info("%s: intermediate exports gone, retraining", run_dir)
+        shutil.rmtree(run_dir)
     phase = f"train {method} {tag} seed {seed}"
     with ctx.clock.phase(phase):
         final, steps, _ = train_stage(kind, cfg, run_dir)
+    study.trained.add(run_dir)
     study.breakdown[phase] = stage_breakdown(os.path.dirname(final))
     stage_dir = os.path.dirname(final)
     out = [(p, os.path.join(stage_dir, f"step-{p}")) for p in points[:-1]]
@@ -271,6 +280,8 @@ def method_runs(study: Study, seed: int, data: TrainingData) -> dict[str, str]:
                 knob_value=step,
             )
             del model
+            if not config.keep_exports and step != pts[-1][0] and step > 0:
+                shutil.rmtree(folder)  # an intermediate export, evaluated: free its disk
         finals[spec] = pts[-1][1]
     return finals
 

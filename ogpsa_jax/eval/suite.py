@@ -73,6 +73,7 @@ from ogpsa_jax.eval.suite_config import (
     ifbench_rows,
     load_eval_sets,
 )
+from ogpsa_jax.models.decoder import Decoder, at_compute_dtype
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -162,6 +163,12 @@ IFEVAL_KEYS = (
 IFBENCH_KEYS = tuple(k.replace("ifeval", "ifbench") for k in IFEVAL_KEYS)
 
 
+def _for_inference(model: nnx.Module) -> nnx.Module:
+    """A decoder stored at its compute dtype (`ogpsa_jax.models.at_compute_dtype`); any other
+    module as is."""
+    return at_compute_dtype(model) if isinstance(model, Decoder) else model
+
+
 def evaluate_alignment(
     model: nnx.Module,
     tokenizer: Any,
@@ -217,6 +224,9 @@ def evaluate_alignment(
     if "ifbench" not in sets:
         sets["ifbench"] = ifbench_rows(config)
     check_eval_sets(sets, reference)
+    # stored at the compute dtype for the evaluation: bit-identical outputs, fewer bytes per step
+    model = _for_inference(model)
+    start_model = None if start_model is None else _for_inference(start_model)
     timed = phase if phase is not None else lambda _: contextlib.nullcontext()
     bar = lambda label: label if progress else False
     gen = dict(system_prompt=config.system_prompt, chat=config.chat)

@@ -14,7 +14,7 @@ from ogpsa_jax.models.config import (
     smollm2_135m_config,
     tiny_config,
 )
-from ogpsa_jax.models.decoder import Decoder, init_random
+from ogpsa_jax.models.decoder import Decoder, at_compute_dtype, init_random
 from ogpsa_jax.models.generate import generate
 from ogpsa_jax.models.hf import load_hf, save_hf
 from ogpsa_jax.models.logprobs import sequence_logprobs
@@ -28,6 +28,7 @@ __all__ = [
     "LoRAConfig",
     "LoRAParam",
     "add_lora",
+    "at_compute_dtype",
     "generate",
     "init_random",
     "llama3_1_8b_config",
