@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -256,3 +258,65 @@ def test_merge_parts_run_apart(tiny_study, tmp_path):
     other["meta"]["settings"]["sft_lr"] = 1.0
     (tmp_path / "part1" / "results.json").write_text(json.dumps(other))
     assert main(["--merge", *dirs, "--out", str(tmp_path / "bad")]) == 2
+
+
+@pytest.mark.slow  # three tiny studies end to end
+def test_intermediate_exports_deleted_once_evaluated(tiny_study, tmp_path):
+    _, full = tiny_study
+    out = tmp_path / "lean"
+    argv = ["--tiny", "--out", str(out), "--set", "seeds=0", "--set", "keep_exports=false"]
+    argv += ["--set", "runs=naive:sft,weight-avg:sft,naive:sft-dpo"]
+    assert main(argv) == 0
+    runs_dir = out / "cache" / "runs"
+    folders = sorted(os.listdir(runs_dir))
+    # one SFT run (the SFT->DPO pipeline reuses it, though its step-1 export is gone) and one DPO
+    assert [f.rsplit("-", 1)[0] for f in folders] == ["naive-sft-dpo-seed0", "naive-sft-seed0"]
+    for folder in folders:
+        assert not (runs_dir / folder / "step-1").exists(), folder
+        assert (runs_dir / folder / "final" / "model.safetensors").is_file(), folder
+    lean = json.loads((out / "results.json").read_text())["runs"]
+    key = lambda r: (r["method"], r["pipeline"], r["seed"], r["knob_value"])
+    same = {key(r): r for r in full["runs"] if r["seed"] in (-1, 0)}
+    assert sorted(map(key, lean)) == sorted(same)
+    for r in lean:  # the same points, the same results
+        assert (r["safety"], r["capability"], r["drift"]) == tuple(
+            same[key(r)][k] for k in ("safety", "capability", "drift")
+        ), r["label"]
+    # A rerun of the DPO pipeline alone retrains the DPO run, whose step-1 export it evaluates,
+    # and reuses the SFT run, whose final model alone it needs.
+    stamps = {f: os.stat(runs_dir / f / "done.json").st_mtime_ns for f in folders}
+    assert main([*argv[:-1], "runs=naive:sft-dpo"]) == 0
+    after = {f: os.stat(runs_dir / f / "done.json").st_mtime_ns for f in folders}
+    assert [after[f] > stamps[f] for f in folders] == [True, False]
+    again = json.loads((out / "results.json").read_text())["runs"]
+    assert {(key(r), r["safety"], r["capability"]) for r in again} == {
+        (key(r), r["safety"], r["capability"]) for r in lean if r["pipeline"] in ("sft-dpo", "none")
+    }
+
+
+def test_compilation_cache_is_written_where_the_study_says(tmp_path):
+    code = (
+        "import jax, sys\n"
+        "from ogpsa_jax.experiment.entry import compilation_cache\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "print(compilation_cache(sys.argv[1]))\n"
+        "jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "xla")
+    assert os.listdir(tmp_path / "xla"), "nothing compiled into the cache"
+    # a folder named by the environment wins
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "named")
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "other")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "named")
+    assert not (tmp_path / "other").exists()

@@ -93,7 +93,7 @@ class Study:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     outcomes: dict[str, Any] = dataclasses.field(default_factory=dict)
     breakdown: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    trained: set[str] = dataclasses.field(default_factory=set)  # run folders of this study
+    deleted: set[str] = dataclasses.field(default_factory=set)  # exports evaluated, then deleted
 
 
 def evaluate_point(study: Study, model: Any, **row: Any) -> dict[str, Any]:
@@ -191,9 +191,21 @@ def with_diagnostics(cfg: TrainConfig, kind: str, method: str, diagnose: bool) -
 
 
 def train_points(
-    study: Study, data: TrainingData, method: str, kind: str, init_dir: str, seed: int, tag: str
+    study: Study,
+    data: TrainingData,
+    method: str,
+    kind: str,
+    init_dir: str,
+    seed: int,
+    tag: str,
+    *,
+    exports_needed: bool = True,
 ) -> list[tuple[int, str]]:
-    """Trains (or reuses) one stage and returns ``(step, model folder)`` at each curve point."""
+    """Trains (or reuses) one stage and returns ``(step, model folder)`` at each curve point.
+
+    A finished run is reused. When ``exports_needed`` (its points will be evaluated) and an
+    earlier study deleted its intermediate exports (``keep_exports`` off), it is trained again;
+    an SFT stage that only starts a DPO stage needs its final model alone."""
     ctx = study.ctx
     config = dataclasses.replace(ctx.config, seed=seed)
     basis = method.removesuffix("-after").removesuffix("-alpaca")
@@ -215,14 +227,13 @@ def train_points(
     run_dir = os.path.join(ctx.cache_dir, "runs", f"{method}-{tag}-seed{seed}-{stamp[:8]}")
     exports = [os.path.join(run_dir, f"step-{p}") for p in points[:-1]]
     finished = os.path.isfile(os.path.join(run_dir, "done.json"))
-    if finished and run_dir not in study.trained and not all(os.path.isdir(e) for e in exports):
-        # an earlier study's run whose intermediate exports were deleted (keep_exports off)
+    gone = [e for e in exports if not os.path.isdir(e) and e not in study.deleted]
+    if finished and exports_needed and gone:
         logger.info("%s: intermediate exports gone, retraining", run_dir)
         shutil.rmtree(run_dir)
     phase = f"train {method} {tag} seed {seed}"
     with ctx.clock.phase(phase):
         final, steps, _ = train_stage(kind, cfg, run_dir)
-    study.trained.add(run_dir)
     study.breakdown[phase] = stage_breakdown(os.path.dirname(final))
     stage_dir = os.path.dirname(final)
     out = [(p, os.path.join(stage_dir, f"step-{p}")) for p in points[:-1]]
@@ -237,7 +248,16 @@ def method_runs(study: Study, seed: int, data: TrainingData) -> dict[str, str]:
         method, _, pipeline = spec.partition(":")
         if method == WEIGHT_AVG:
             continue
-        sft_pts = train_points(study, data, method, "sft", study.ctx.start_dir, seed, "sft")
+        sft_pts = train_points(
+            study,
+            data,
+            method,
+            "sft",
+            study.ctx.start_dir,
+            seed,
+            "sft",
+            exports_needed=pipeline == "sft",
+        )
         sft_done[method] = sft_pts[-1][1]
         if pipeline == "sft":
             pts, knob = sft_pts, "sft_steps"
@@ -282,6 +302,7 @@ def method_runs(study: Study, seed: int, data: TrainingData) -> dict[str, str]:
             del model
             if not config.keep_exports and step != pts[-1][0] and step > 0:
                 shutil.rmtree(folder)  # an intermediate export, evaluated: free its disk
+                study.deleted.add(folder)
         finals[spec] = pts[-1][1]
     return finals
 
