@@ -48,6 +48,7 @@ from ogpsa_jax.experiment.frontier import summarise
 from ogpsa_jax.experiment.frontier_plot import frontier_markdown, plot_frontier
 from ogpsa_jax.experiment.timing import PhaseClock
 from ogpsa_jax.train import TrainConfig
+from ogpsa_jax.train.run_dir import done_step
 
 logger = logging.getLogger(__name__)
 
@@ -226,18 +227,15 @@ def train_points(
     stamp = targets.cache_key(path, *reference, init_dir, json.dumps(points))
     run_dir = os.path.join(ctx.cache_dir, "runs", f"{method}-{tag}-seed{seed}-{stamp[:8]}")
     exports = [os.path.join(run_dir, f"step-{p}") for p in points[:-1]]
-    finished = os.path.isfile(os.path.join(run_dir, "done.json"))
     gone = [e for e in exports if not os.path.isdir(e) and e not in study.deleted]
-    if finished and exports_needed and gone:
+    if exports_needed and gone and done_step(run_dir) is not None:
         logger.info("%s: intermediate exports gone, retraining", run_dir)
         shutil.rmtree(run_dir)
     phase = f"train {method} {tag} seed {seed}"
     with ctx.clock.phase(phase):
         final, steps, _ = train_stage(kind, cfg, run_dir)
-    study.breakdown[phase] = stage_breakdown(os.path.dirname(final))
-    stage_dir = os.path.dirname(final)
-    out = [(p, os.path.join(stage_dir, f"step-{p}")) for p in points[:-1]]
-    return [*out, (steps, final)]
+    study.breakdown[phase] = stage_breakdown(run_dir)
+    return [*zip(points[:-1], exports, strict=True), (steps, final)]
 
 
 def method_runs(study: Study, seed: int, data: TrainingData) -> dict[str, str]:
