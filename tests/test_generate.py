@@ -135,3 +135,26 @@ def test_bad_arguments(model, prompts):
         generate(model, ids, mask[:, 1:], max_new_tokens=2, eos_token_id=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ids, mask, max_new_tokens=0, eos_token_id=2)
+
+
+def test_generate_from_ids_batches_without_padding_a_small_set(model, monkeypatch):
+    """A set smaller than batch_size runs as one batch of its own size; larger sets keep the
+    fixed batch shape (the last batch padded with copies); the answers do not depend on it."""
+    from ogpsa_jax.eval import generation
+
+    shapes = []
+
+    def recording(model, ids, mask, **kw):
+        shapes.append(tuple(ids.shape))
+        return generate(model, ids, mask, **kw)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    encoded = [[3, 4, 5], [6], [7, 8], [9, 10, 11, 12], [13]]
+    kw = dict(eos_token_ids=[-1], pad_id=0, max_new_tokens=4, length_bucket=4, progress=False)
+    small = generation.generate_from_ids(model, encoded[:3], batch_size=32, **kw)
+    assert [s[0] for s in shapes] == [3]
+    shapes.clear()
+    batched = generation.generate_from_ids(model, encoded, batch_size=2, **kw)
+    assert [s[0] for s in shapes] == [2, 2, 2]
+    single = [generation.generate_from_ids(model, [e], batch_size=8, **kw)[0] for e in encoded]
+    assert batched == single and small == single[:3]

@@ -131,7 +131,8 @@ def generate_token_ids(
       tokenizer: its Hugging Face tokenizer.
       prompts: user prompts (strings).
       max_new_tokens: generation length.
-      batch_size: prompts per compiled call (the last batch is padded with copies).
+      batch_size: prompts per compiled call (the last batch is padded with copies; see
+        `generate_from_ids`).
       system_prompt: optional system message.
       chat: render with the chat template (else plain text with special tokens).
       temperature: 0.0 = greedy.
@@ -190,7 +191,8 @@ def generate_from_ids(
       eos_token_ids: ids that end a row (the first one is kept in the output).
       pad_id: padding id for the prompts and for rows that ended.
       max_new_tokens: generation length.
-      batch_size: prompts per compiled call (the last batch is padded with copies).
+      batch_size: prompts per compiled call (the last batch is padded with copies; a set
+        of fewer prompts runs as one batch of its own size).
       temperature: 0.0 = greedy.
       top_p: nucleus threshold when sampling.
       seed: PRNG seed when sampling (batch ``i`` uses ``fold_in(key, i)``).
@@ -219,6 +221,8 @@ def generate_from_ids(
     for i, e in enumerate(encoded):
         if len(e) == 0:
             raise ValueError(f"prompt {i} encodes to no tokens")
+    # a set smaller than one batch runs as one batch of its own size (no padding copies)
+    batch_size = min(batch_size, max(len(encoded), 1))
     order = sorted(range(len(encoded)), key=lambda j: -len(encoded[j]))
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     results: list[list[int]] = [[] for _ in encoded]
