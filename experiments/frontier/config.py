@@ -1,9 +1,9 @@
 """The frontier study's configuration: `FrontierConfig` (the demo's fields plus seeds, the points
 of each curve and the reference set), its presets and its validation.
 
-Presets: `default_config` (the full study that results/frontier/ holds: 3 seeds, every method,
-SFT and SFT->DPO; its measured cost is in docs/frontier.md), `reduced_config` (SFT only, fewer
-methods) and `tiny_config` (the tiny random model; seconds; used by the tests).
+Presets: `default_config` (the full study that results/frontier/ holds: 3 seeds, every method
+in SFT and in SFT->DPO; its measured cost is in docs/frontier.md), `reduced_config` (SFT only,
+fewer methods) and `tiny_config` (the tiny random model; seconds; used by the tests).
 
 Example:
     >>> tiny_config().seeds
@@ -66,10 +66,11 @@ class FrontierConfig(demo.DemoConfig):
 
 
 def default_config() -> FrontierConfig:
-    """The full study: 3 seeds; SFT with every method, SFT->DPO with naive, the paper's basis
-    (projected before and after AdamW), GPM, the AlpacaEval reference and weight averaging; the
-    set sizes and steps whose costs were measured (docs/frontier.md: grid, measured costs)."""
-    sft = (
+    """The full study: 3 seeds; SFT and SFT->DPO each with every method (naive, the paper's
+    basis projected before and after AdamW, OGPSA-SVD, OGPSA-GPM, replay, LoRA, OGPSA on LoRA,
+    the AlpacaEval reference, weight averaging); the set sizes and steps whose costs were
+    measured (docs/frontier.md: grid, measured costs)."""
+    trained = (
         "naive",
         "ogpsa",
         "ogpsa-after",
@@ -78,11 +79,10 @@ def default_config() -> FrontierConfig:
         "replay",
         "lora",
         "ogpsa-lora",
+        "ogpsa-alpaca",
     )
-    sft_dpo = ("naive", "ogpsa", "ogpsa-after", "ogpsa-gpm", "ogpsa-alpaca", WEIGHT_AVG)
-    runs = tuple(f"{m}:sft" for m in (*sft, "ogpsa-alpaca", WEIGHT_AVG))
     return FrontierConfig(
-        runs=runs + tuple(f"{m}:sft-dpo" for m in sft_dpo),
+        runs=tuple(f"{m}:{p}" for p in PIPELINES for m in (*trained, WEIGHT_AVG)),
         seeds=(0, 1, 2),
         harmful=24,
         over_refusal=24,
@@ -96,7 +96,10 @@ def default_config() -> FrontierConfig:
         sft_steps=16,
         sft_points=(4, 8, 16),
         dpo_steps=12,
-        dpo_points=(4, 8, 12),
+        # with the SFT output as DPO's step 0, three points per DPO curve
+        dpo_points=(6, 12),
+        # the 24 harmful and 24 over-refusal prompts in two full batches
+        gen_batch=24,
         alphas=(0.25, 0.5, 0.75),
         keep_exports=False,
     )
