@@ -50,7 +50,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
 
-# The alignment-tax frontier study (docs/frontier.md): 1 h 40 min on 2 idle CPU cores, 22 GB of cache.
+# The alignment-tax frontier study (docs/frontier.md): 1 h 56 min on 2 idle CPU cores, 29 GB of cache.
 frontier: $(STAMP)
 	$(BIN)/python -m experiments.frontier
 
