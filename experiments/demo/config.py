@@ -287,7 +287,7 @@ def eval_config(config: DemoConfig) -> EvalConfig:
         score_batch_size=config.score_batch,
         ifeval_subset=config.ifeval_subset,
         ifeval_max_new_tokens=config.ifeval_tokens,
-        # one batch when the set is small (copies padding a batch cost as much as prompts)
-        ifeval_batch_size=min(config.gen_batch, config.ifeval or config.gen_batch),
+        # a set smaller than a batch is generated as one batch of its own size
+        ifeval_batch_size=config.gen_batch,
         choice_tasks=config.choice_tasks,
     )
